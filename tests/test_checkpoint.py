@@ -1,0 +1,228 @@
+"""Checkpoint layouts load strictly and give the source model's logits; bad files fail clearly and safely."""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from models import reactnet_a
+from models.binary import BinaryConv2d
+from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_step, load_weights, read_checkpoint,
+                              save_checkpoint)
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reactnet_a_seed0.json")
+
+
+@pytest.fixture(scope="module")
+def source():
+    """A step-2 model with non-default weights and BN statistics, and its eval logits."""
+    torch.manual_seed(0)
+    model = reactnet_a(binary_weights=True)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t) * 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    return model.eval(), x, logits(model, x)
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def with_module_prefix(state_dict):
+    return {f"module.{k}": v for k, v in state_dict.items()}
+
+
+def reactnet_release_state_dict(model):
+    """The ReActNet release's layout: binary conv weights named `weights`, flattened to [out*in*k*k, 1]."""
+    binary = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, BinaryConv2d)}
+    return {(f"{k}s" if k in binary else k): (v.reshape(-1, 1) if k in binary else v)
+            for k, v in model.state_dict().items()}
+
+
+def released(state_dict):
+    """The authors' training-script dict, saved from nn.DataParallel."""
+    return {"epoch": 256, "state_dict": with_module_prefix(state_dict), "best_top1_acc": 70.5, "optimizer": {}}
+
+
+LAYOUTS = {
+    "this-repo": lambda m: {"epoch": 3, "step": 2, "arch": "reactnet_a", "state_dict": m.state_dict()},
+    "adambnn-release": lambda m: released(m.state_dict()),
+    "reactnet-release": lambda m: released(reactnet_release_state_dict(m)),
+    "state_dict": lambda m: m.state_dict(),
+    "state_dict-module": lambda m: with_module_prefix(m.state_dict()),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_loads_and_gives_source_logits(tmp_path, source, layout):
+    model, x, expected = source
+    path = tmp_path / "checkpoint.pth.tar"
+    # The ReActNet release was written by PyTorch 1.4, in the legacy (non-zip) serialization.
+    torch.save(LAYOUTS[layout](model), path, _use_new_zipfile_serialization=layout != "reactnet-release")
+    fresh = reactnet_a(binary_weights=True)
+    assert load_weights(fresh, path) == layout.removesuffix("-module")
+    assert torch.equal(logits(fresh, x), expected)
+
+
+def test_reactnet_release_layout_is_the_fixtures():
+    with open(FIXTURE) as f:
+        expected = json.load(f)["reactnet_checkpoint_shapes"]
+    layout = reactnet_release_state_dict(reactnet_a())
+    assert {k: list(v.shape) for k, v in layout.items()} == expected
+
+
+def test_step1_checkpoint_loads_into_step2(source):
+    model, x, _ = source
+    step1 = reactnet_a(binary_weights=False)
+    step1.load_state_dict(model.state_dict())
+    checkpoint = {"epoch": 256, "step": 1, "state_dict": step1.state_dict()}
+    step2 = reactnet_a(binary_weights=True)
+    assert checkpoint_step(checkpoint) == 1
+    assert load_weights(step2, checkpoint) == "this-repo"
+    assert torch.equal(logits(step2, x), source[2])
+
+
+def test_checkpoint_step():
+    assert checkpoint_step({"step": 2, "state_dict": {}}) == 2
+    assert checkpoint_step(released({})) is None
+    assert checkpoint_step({"a": torch.zeros(1)}) is None
+
+
+def test_wrong_number_of_classes_is_refused_without_loading():
+    model = reactnet_a()
+    before = model.fc.weight.clone()
+    with pytest.raises(CheckpointError) as e:
+        load_weights(model, reactnet_a(num_classes=10).state_dict())
+    message = str(e.value)
+    assert message.startswith("state_dict checkpoint does not fit ReActNetA")
+    assert "wrong shapes: fc.weight [10, 1024] (model [1000, 1024]), fc.bias [10] (model [1000])" in message
+    assert torch.equal(model.fc.weight, before)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    model = reactnet_a()
+    checkpoint = released(model.state_dict())
+    del checkpoint["state_dict"]["module.feature.3.bn1.running_var"]
+    checkpoint["state_dict"]["module.feature.3.extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        load_weights(model, checkpoint)
+    assert str(e.value) == ("adambnn-release checkpoint does not fit ReActNetA: missing keys: "
+                            "feature.3.bn1.running_var; unexpected keys: feature.3.extra.weight")
+
+
+def test_many_missing_keys_are_cut_short():
+    state_dict = reactnet_a().state_dict()
+    with pytest.raises(CheckpointError, match=r"missing keys: feature\.0\.conv1\.weight, .* \(\+\d+ more\)"):
+        load_weights(reactnet_a(), {"fc.weight": state_dict["fc.weight"], "fc.bias": state_dict["fc.bias"]})
+
+
+def test_not_a_checkpoint():
+    with pytest.raises(CheckpointError, match="expected a dict, got list"):
+        load_weights(reactnet_a(), [1, 2])
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint layout.*top-level keys: epoch, model"):
+        load_weights(reactnet_a(), {"epoch": 1, "model": {}})
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.pth"):
+        read_checkpoint(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_truncated_file(tmp_path, zip_format):
+    path = tmp_path / "truncated.pth"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}}, path, _use_new_zipfile_serialization=zip_format)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or not a PyTorch checkpoint"):
+        read_checkpoint(path)
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_malicious_pickle_is_refused_and_not_run(tmp_path, zip_format):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.pth.tar"
+    torch.save({"state_dict": reactnet_a().state_dict(), "extra": Payload(marker)}, path,
+               _use_new_zipfile_serialization=zip_format)
+    model = reactnet_a()
+    with pytest.raises(CheckpointError) as e:
+        load_weights(model, path)
+    assert "not a plain weights file" in str(e.value) and "nothing in it was executed" in str(e.value)
+    assert "system" in str(e.value)
+    assert not marker.exists()
+    # Control: the payload is real, and an unsafe load would have run it.
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_atomic_save_writes_and_leaves_no_temp_file(tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_save({"a": torch.arange(3)}, path)
+    atomic_save({"a": torch.arange(4)}, path)
+    assert torch.equal(read_checkpoint(path)["a"], torch.arange(4))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+class FailsToPickle:
+    def __reduce__(self):
+        raise RuntimeError("disk full (simulated)")
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_save({"a": torch.arange(3)}, path)
+    old = path.read_bytes()
+    # Fails mid-write: the tensor data is already written when the second entry fails to pickle.
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_save({"a": torch.zeros(100_000), "b": FailsToPickle()}, path)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+    # Fails after the write, before the rename.
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("I/O error (simulated)")))
+    with pytest.raises(OSError, match="I/O error"):
+        atomic_save({"a": torch.zeros(10)}, path)
+    assert path.read_bytes() == old and os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+
+
+def test_save_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1 - e / 10)
+    state = {"epoch": 1, "step": 2, "arch": "reactnet_a", "state_dict": model.state_dict(), "best_top1_acc": 1.5,
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "args": {"lr": 1e-3, "data": "/data", "resume": None}, "rng": {"torch": torch.get_rng_state()},
+             "git_commit": "abc"}
+    save_checkpoint(state, tmp_path / "out", is_best=False)
+    assert os.listdir(tmp_path / "out") == ["checkpoint.pth.tar"]
+    save_checkpoint(state, tmp_path / "out", is_best=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint.pth.tar", "model_best.pth.tar"]
+    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
+        loaded = read_checkpoint(tmp_path / "out" / name)
+        assert checkpoint_step(loaded) == 2
+        assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+
+
+@pytest.mark.parametrize("bad,where", [
+    ({"args": argparse.Namespace(lr=1)}, "state['args'] is a argparse.Namespace"),
+    ({"best_top1_acc": np.float64(70.5)}, "state['best_top1_acc'] is a numpy.float64"),
+])
+def test_save_checkpoint_refuses_what_weights_only_cannot_read(tmp_path, bad, where):
+    with pytest.raises(TypeError, match=where.replace("[", r"\[").replace("]", r"\]")):
+        save_checkpoint({"step": 1, **bad}, tmp_path, is_best=False)
+    assert os.listdir(tmp_path) == []

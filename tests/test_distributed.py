@@ -1,0 +1,70 @@
+"""Two processes through torchrun on CPU (gloo): the DDP run ends with identical weights on both
+ranks, only rank 0 prints and writes, and validation counts each image exactly once."""
+import json
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+import evaluate
+from tests.tiny import ROOT, make_image_folder, make_teacher, run
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    # 9 validation images: shards of 5 and 4.
+    data = make_image_folder(root / "data", classes=3, train_per_class=4, val_per_class=3)
+    teacher = make_teacher(root / "teacher.pth")
+    dumps = root / "dumps"
+    dumps.mkdir()
+    p = run([*TORCHRUN, "-m", "tests.tiny", dumps, "--step", "1", "--data", data, "--save", root / "save",
+             "--teacher-weights", teacher, "--epochs", "2", "--batch_size", "4", "-j", "0",
+             "--input-size", "32", "--print-freq", "1", "--deterministic"],
+            PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return root, data, p
+
+
+def test_ranks_end_with_identical_weights(ddp_run):
+    root, _, _ = ddp_run
+    r0 = torch.load(root / "dumps" / "rank0.pth", weights_only=True)
+    r1 = torch.load(root / "dumps" / "rank1.pth", weights_only=True)
+    assert r0.keys() == r1.keys()
+    for k in r0:  # parameters and BatchNorm buffers
+        assert torch.equal(r0[k], r1[k]), k
+    saved = torch.load(root / "save" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], r0[k]) for k in r0)
+
+
+def test_only_rank0_prints_and_writes(ddp_run):
+    root, _, p = ddp_run
+    assert len(re.findall(r"^\* Acc@1", p.stdout, re.M)) == 2
+    assert p.stdout.count("=> data ") == 1 and "2 process(es) x batch 2" in p.stdout
+    assert len(re.findall(r"^Epoch: \[0\]\[0/3\]", p.stdout, re.M)) == 1
+    assert sorted(os.listdir(root / "save")) == ["args.json", "checkpoint.pth.tar", "log.jsonl", "log.txt",
+                                                  "model_best.pth.tar", "tensorboard"]
+    assert len(os.listdir(root / "save" / "tensorboard")) == 1
+    assert len(open(root / "save" / "log.jsonl").readlines()) == 2
+    assert json.load(open(root / "save" / "args.json"))["world_size"] == 2
+
+
+def test_validation_counts_each_image_once(ddp_run, tmp_path, capsys):
+    root, data, _ = ddp_run
+    last = [json.loads(x) for x in open(root / "save" / "log.jsonl")][-1]
+    assert last["val_images"] == 9
+    ckpt = str(root / "save" / "checkpoint.pth.tar")
+    # The same checkpoint evaluated by one process, and by two through torchrun.
+    single = evaluate.main(["--checkpoint", ckpt, "--data", data, "--input-size", "32", "-j", "0",
+                            "--batch_size", "4"])
+    assert single["count"] == 9 and single["top1"] == pytest.approx(last["val_top1"])
+    results = tmp_path / "r.jsonl"
+    run([*TORCHRUN, os.path.join(ROOT, "evaluate.py"), "--checkpoint", ckpt, "--data", data,
+         "--input-size", "32", "-j", "0", "--batch_size", "4", "--results-file", results],
+        OMP_NUM_THREADS="1")
+    row = json.loads(results.read_text())
+    assert row["images"] == 9 and row["top1"] == pytest.approx(single["top1"])
+    assert row["top5"] == pytest.approx(single["top5"])

@@ -1,0 +1,117 @@
+"""End to end through the real entry points: bash step1/run.sh, bash step2/run.sh, evaluate.py,
+on a tiny ImageFolder with a teacher whose weights the test creates."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from models import reactnet_a
+from tests.tiny import ROOT, make_image_folder, make_teacher, run, step
+from utils.checkpoint import load_weights, read_checkpoint
+
+
+def acc1_of(stdout):
+    return [float(x) for x in re.findall(r"^\* Acc@1 ([\d.]+) Acc@5 [\d.]+", stdout, re.M)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = make_image_folder(root / "data", classes=3, train_per_class=4, val_per_class=3)
+    teacher = make_teacher(root / "teacher.pth", num_classes=3)
+    # Step 1 from a user's own folder with relative paths; 2 epochs so that the first trains at lr > 0.
+    s1 = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)
+    # Step 2 from inside step2/, workers > 0, the analysis on.
+    s2 = step(2, str(root / "data"), str(root / "s2"), "--teacher-weights", teacher,
+              "--init-checkpoint", str(root / "s1" / "model_best.pth.tar"), "-j", "1",
+              "--analysis-every", "2", cwd=os.path.join(ROOT, "step2"))
+    return root, s1, s2
+
+
+def test_step1_outputs(pipeline):
+    root, s1, _ = pipeline
+    save = root / "s1"
+    assert {"checkpoint.pth.tar", "model_best.pth.tar", "args.json", "log.jsonl", "log.txt",
+            "tensorboard"} <= set(os.listdir(save))
+    assert os.listdir(save / "tensorboard")
+    assert not [f for f in os.listdir(save) if f.endswith(".tmp")]
+    ckpt = read_checkpoint(save / "checkpoint.pth.tar")  # weights_only=True
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 1 and ckpt["arch"] == "reactnet_a"
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    assert {"optimizer", "scheduler", "rng", "args", "git_commit", "best_top1_acc"} <= set(ckpt)
+    assert ckpt["scheduler"]["last_epoch"] == 2 and ckpt["args"]["weight_decay"] == 5e-6
+    lines = [json.loads(x) for x in open(save / "log.jsonl")]
+    assert [r["epoch"] for r in lines] == [0, 1]
+    assert [r["lr"] for r in lines] == pytest.approx([1.25e-3 / 2, 0.0])
+    assert all(r["val_images"] == 9 for r in lines)
+    assert acc1_of(s1.stdout) == pytest.approx([r["val_top1"] for r in lines], abs=1e-3)
+    assert ckpt["best_top1_acc"] == max(r["val_top1"] for r in lines)
+    args = json.load(open(save / "args.json"))
+    assert args["git_commit"] and args["data"] == "data" and args["save"] == str(save)
+    assert re.search(r"Epoch: \[0\]\[0/3\]\tTime .*\tData .*\tLoss .*\tAcc@1 .*\tAcc@5 .*\tlr .*img/s .*ETA",
+                     s1.stdout)
+    # Step 1 really trained: the block convs moved away from the seeded initialisation.
+    torch.manual_seed(0)
+    init = reactnet_a(binary_weights=False, num_classes=3).state_dict()
+    assert not torch.equal(init["feature.1.binary_3x3.weight"], ckpt["state_dict"]["feature.1.binary_3x3.weight"])
+
+
+def test_step2_starts_from_step1(pipeline):
+    root, _, s2 = pipeline
+    assert f"step 2 starts from {root / 's1' / 'model_best.pth.tar'}" in s2.stdout
+    best1 = read_checkpoint(root / "s1" / "model_best.pth.tar")
+    ckpt = read_checkpoint(root / "s2" / "checkpoint.pth.tar")
+    assert ckpt["step"] == 2 and ckpt["args"]["weight_decay"] == 0.0
+    # One epoch of one trains at lr 0 (the recipe's schedule): the weights are step 1's best.
+    for k, v in best1["state_dict"].items():
+        if k.endswith("weight") and v.ndim == 4:
+            assert torch.equal(v, ckpt["state_dict"][k]), k
+    record = json.loads(open(root / "s2" / "log.jsonl").readline())
+    assert record["lr"] == 0.0 and "ff" in record and "saturation" in record
+
+
+def test_evaluate(pipeline, tmp_path):
+    root, _, _ = pipeline
+    best = root / "s2" / "model_best.pth.tar"
+    results = tmp_path / "results.jsonl"
+    p = run([os.sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", best, "--data",
+             root / "data", "--input-size", "32", "-j", "0", "--batch_size", "4",
+             "--results-file", results], cwd=tmp_path)
+    acc = acc1_of(p.stdout)
+    assert len(acc) == 1
+    record = json.loads(open(root / "s2" / "log.jsonl").readline())
+    assert acc[0] == pytest.approx(record["val_top1"], abs=1e-3)
+    row = json.loads(results.read_text())
+    assert {"model", "step", "top1", "top5", "params", "ops", "images"} <= set(row)
+    assert row["step"] == 2 and row["images"] == 9 and row["top1"] == pytest.approx(acc[0], abs=1e-3)
+    assert row["params"] == sum(v.numel() for k, v in read_checkpoint(best)["state_dict"].items()
+                                if "running" not in k and "num_batches" not in k)
+    assert row["ops"] > 0
+
+
+def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys):
+    """A released-style file (DataParallel 'module.' keys, no 'step') is taken as step 2."""
+    import evaluate
+    root, _, _ = pipeline
+    ckpt = read_checkpoint(root / "s2" / "model_best.pth.tar")
+    released = tmp_path / "released.pth.tar"
+    torch.save({"epoch": 1, "best_top1_acc": 0.0, "optimizer": {},
+                "state_dict": {"module." + k: v for k, v in ckpt["state_dict"].items()}}, released)
+    stats = evaluate.main(["--checkpoint", str(released), "--data", str(root / "data"), "--input-size", "32",
+                           "-j", "0", "--batch_size", "9"])
+    out = capsys.readouterr().out
+    assert "adambnn-release checkpoint, step 2 (default for released checkpoints)" in out
+    record = json.loads(open(root / "s2" / "log.jsonl").readline())
+    assert stats["top1"] == pytest.approx(record["val_top1"]) and stats["count"] == 9
+    stats = evaluate.main(["--checkpoint", str(released), "--data", str(root / "data"), "--input-size", "32",
+                           "-j", "0", "--amp", "bf16", "--channels-last"])
+    assert stats["count"] == 9 and 0 <= stats["top1"] <= 100
+
+
+def test_relaunch_after_the_end_does_nothing(pipeline):
+    root, _, _ = pipeline
+    p = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)
+    assert "nothing to do: 2 epochs already done" in p.stdout
+    assert len(open(root / "s1" / "log.jsonl").readlines()) == 2

@@ -1,0 +1,67 @@
+"""Helpers of the pipeline tests: a tiny ImageFolder, a teacher whose weights the test creates,
+and the entry points run as a user runs them."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_image_folder(root, classes=3, train_per_class=4, val_per_class=3, size=32, seed=0):
+    """root/train/<class>/*.png and root/val/<class>/*.png: each class a different mean colour."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                pixels = rng.normal(60 + 60 * c, 30, (size, size, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(folder, f"{i}.png"))
+    return str(root)
+
+
+def make_teacher(path, num_classes=3, seed=0):
+    """A randomly initialised torchvision resnet34 with `num_classes` outputs, saved as a state_dict."""
+    torch.manual_seed(seed)
+    torch.save(torchvision.models.resnet34(num_classes=num_classes).state_dict(), path)
+    return str(path)
+
+
+def env(**extra):
+    """The test's environment without torchrun variables; one process unless NPROC_PER_NODE given."""
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES")}
+    e.update({"PYTHON": sys.executable, "NPROC_PER_NODE": "1", **extra})
+    return e
+
+
+def run(cmd, cwd=ROOT, check=True, timeout=600, **extra_env):
+    """Run a command list; returns CompletedProcess with text stdout/stderr."""
+    p = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env(**extra_env), capture_output=True,
+                       text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def step(n, data, save, *flags, cwd=ROOT, check=True, **extra_env):
+    """bash stepN/run.sh with tiny settings (CPU, no workers, 32x32, 1 epoch) plus `flags`."""
+    tiny = ["--data", data, "--save", save, "--epochs", "1", "--batch_size", "4", "-j", "0",
+            "--input-size", "32", "--print-freq", "1"]
+    return run(["bash", os.path.join(ROOT, f"step{n}", "run.sh"), *tiny, *flags], cwd=cwd,
+               check=check, **extra_env)
+
+
+if __name__ == "__main__":
+    # torchrun worker of tests/test_distributed.py: train through utils.train, then save this
+    # rank's final weights to OUT/rank<R>.pth.   python -m tests.tiny OUT [training flags]
+    from utils.train import get_parser, resolve_args, train
+
+    out = sys.argv[1]
+    student = train(resolve_args(get_parser().parse_args(sys.argv[2:])))
+    torch.save(student.state_dict(), os.path.join(out, f"rank{os.environ.get('RANK', 0)}.pth"))

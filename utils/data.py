@@ -1,0 +1,139 @@
+"""ImageFolder datasets, the original transforms (with Lighting), samplers and loaders.
+
+Randomness: the random transforms of sample i in epoch e draw from the global torch generator
+seeded with (seed, e, i) just before the sample is loaded. The augmentation of every image is
+thereby fixed by the seed alone, whatever the number of loader workers or processes, and a
+resumed run sees exactly the images an uninterrupted run would have seen.
+"""
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# AlexNet's PCA of ImageNet pixel colours (eigenvalues on a 0-1 scale, as in the original).
+IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
+IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
+                                [-0.5808, -0.0045, -0.8140],
+                                [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
+
+
+class DataError(ValueError):
+    """A data folder that cannot be used; the message says why."""
+
+
+class Lighting:
+    """AlexNet PCA colour jitter on a PIL image, exactly as the original: alpha ~ N(0, std) per
+    eigenvector, offset = eigvec @ (alpha * eigval) added to every uint8 pixel, clipped to
+    [0, 255], truncated back to uint8. The original draws alpha from numpy's global generator;
+    here it comes from torch's, so that the seeding described above covers it."""
+
+    def __init__(self, alphastd: float, eigval=IMAGENET_PCA_EIGVAL, eigvec=IMAGENET_PCA_EIGVEC):
+        self.alphastd, self.eigval, self.eigvec = alphastd, eigval, eigvec
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if self.alphastd == 0:
+            return img
+        alpha = torch.randn(3).numpy().astype(np.float32) * np.float32(self.alphastd)
+        inc = (self.eigvec @ (alpha * self.eigval).reshape(3, 1)).reshape(3)
+        pixels = np.clip(np.asarray(img, dtype=np.uint8) + inc, 0, 255)
+        return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+    def __repr__(self):
+        return f"{type(self).__name__}(alphastd={self.alphastd})"
+
+
+def train_transform(input_size=224, crop_scale=0.08, lighting=0.1):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(input_size, scale=(crop_scale, 1.0)),
+        Lighting(lighting),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def val_transform(input_size=224):
+    """Resize(256) -> CenterCrop(224) at 224; other sizes keep the 0.875 crop ratio."""
+    return transforms.Compose([
+        transforms.Resize(round(input_size * 256 / 224)),
+        transforms.CenterCrop(input_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+class SeededImageFolder(datasets.ImageFolder):
+    """ImageFolder whose samples may be requested as (index, seed): the global torch generator is
+    then seeded with `seed` before the image is transformed (see the module docstring)."""
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            key, seed = key
+            torch.default_generator.manual_seed(seed)
+        return super().__getitem__(key)
+
+
+def image_folder(root: str, split: str, transform) -> SeededImageFolder:
+    folder = os.path.join(root, split)
+    if not os.path.isdir(root):
+        raise DataError(f"data folder {root} does not exist (pass --data DIR or set DATA)")
+    if not os.path.isdir(folder):
+        raise DataError(f"{root} has no {split}/ folder: expected the ImageFolder layout "
+                        f"{root}/{split}/<class>/<image> (ImageNet: {root}/train and {root}/val)")
+    try:
+        return SeededImageFolder(folder, transform)
+    except FileNotFoundError as e:  # no class folders, or class folders without images
+        raise DataError(f"{folder} holds no images in <class>/<image> layout ({e})") from None
+
+
+class SeededDistributedSampler(DistributedSampler):
+    """DistributedSampler (shuffled with seed + epoch, padded to equal shards) that hands out
+    (index, per-sample seed) pairs, the seed depending on (seed, epoch, index) only."""
+
+    def __iter__(self):
+        n = len(self.dataset)
+        for i in super().__iter__():
+            yield i, ((self.seed * 100_003 + self.epoch) * n + i) % (2 ** 63)
+
+
+class ShardSampler(Sampler):
+    """Evaluation shard of one process: indices rank, rank + world, ... in order, not padded, so
+    that the shards together hold every image exactly once."""
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0):
+        self.indices = range(rank, len(dataset), num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def _loader(dataset, sampler, batch_size, workers, pin_memory):
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_memory=False,
+                 input_size=224, crop_scale=0.08, lighting=0.1):
+    """`batch_size` is the per-process batch. Call `loader.sampler.set_epoch(e)` every epoch."""
+    ds = image_folder(root, "train", train_transform(input_size, crop_scale, lighting))
+    sampler = SeededDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
+                                       seed=seed)
+    return _loader(ds, sampler, batch_size, workers, pin_memory)
+
+
+def val_loader(root, batch_size, workers, world_size=1, rank=0, pin_memory=False, input_size=224):
+    ds = image_folder(root, "val", val_transform(input_size))
+    return _loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return math.ceil(n / batch_size)

@@ -1,0 +1,111 @@
+"""Progress line, TensorBoard scalars, JSON lines, and the run's arguments and code version.
+
+Only rank 0 logs: on other ranks `RunLogger` is built with `enabled=False` and does nothing.
+"""
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class AverageMeter:
+    """Current value and running average, printed as the original: 'Time  0.123 ( 0.456)'."""
+
+    def __init__(self, name, fmt=":f"):
+        self.name, self.fmt = name, fmt
+        self.val = self.sum = self.count = self.avg = 0.0
+
+    def update(self, val, n=1):
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.sum / self.count
+
+    def __str__(self):
+        return ("{name} {val" + self.fmt + "} ({avg" + self.fmt + "})").format(**self.__dict__)
+
+
+def _pair(name, fmt, pair):
+    return ("{} {" + fmt + "} ({" + fmt + "})").format(name, *pair)
+
+
+def progress_line(epoch, i, num_batches, batch_time, data_time, loss, top1, top5, lr,
+                  images_per_s) -> str:
+    """The original's 'Epoch: [e][ i/n]  Time  Data  Loss  Acc@1  Acc@5' line (value and running
+    average of each), then the learning rate, images/s (all processes) and the epoch's ETA."""
+    width = len(str(num_batches))
+    eta = datetime.timedelta(seconds=round(batch_time.avg * (num_batches - i - 1)))
+    return "\t".join([
+        f"Epoch: [{epoch}][{i:{width}d}/{num_batches}]", str(batch_time), str(data_time),
+        _pair("Loss", ":.4e", loss), _pair("Acc@1", ":6.2f", top1), _pair("Acc@5", ":6.2f", top5),
+        f"lr {lr:.4e}", f"img/s {images_per_s:7.1f}", f"ETA {eta}"])
+
+
+def git_commit() -> str:
+    """The code's git commit, with '-dirty' when the work tree has uncommitted changes."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                                        timeout=10, check=True).stdout.strip()
+        commit = run("rev-parse", "HEAD")
+        return commit + ("-dirty" if run("status", "--porcelain") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunLogger:
+    """Everything a run writes besides checkpoints, all under its --save folder:
+    log.txt (the console output), log.jsonl (one JSON object per epoch), args.json and
+    tensorboard/ (event files). Nothing is written before `open()`, so that a run stopped by a
+    bad input leaves no folder behind; lines logged before it go to log.txt then."""
+
+    def __init__(self, save_dir: str, enabled: bool = True):
+        self.enabled, self.save_dir = enabled, save_dir
+        self.writer, self._file, self._pending = None, None, []
+
+    def open(self):
+        if not self.enabled or self._file is not None:
+            return
+        os.makedirs(self.save_dir, exist_ok=True)
+        self._file = open(os.path.join(self.save_dir, "log.txt"), "a", buffering=1)
+        self._file.writelines(line + "\n" for line in self._pending)
+        self._pending = []
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(self.save_dir, "tensorboard"))
+        except ImportError:
+            self.log("tensorboard is not installed: no TensorBoard events are written")
+
+    def log(self, msg: str):
+        if self.enabled:
+            print(msg, flush=True)
+            if self._file is not None:
+                self._file.write(msg + "\n")
+            else:
+                self._pending.append(msg)
+
+    def save_args(self, args: dict, **extra):
+        if self.enabled:
+            with open(os.path.join(self.save_dir, "args.json"), "w") as f:
+                json.dump({**args, **extra, "command": " ".join(sys.argv)}, f, indent=2)
+
+    def scalars(self, prefix: str, values: dict, step: int):
+        if self.writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def epoch_record(self, record: dict):
+        if self.enabled:
+            with open(os.path.join(self.save_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+        if self._file is not None:
+            self._file.close()
