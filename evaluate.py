@@ -34,7 +34,8 @@ def get_parser():
     p.add_argument("--input-size", type=int, default=224, help="centre crop (after resizing to size*256/224)")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="bf16 autocast")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the model (backend: inductor unless given)")
     p.add_argument("--results-file", default=None,
                    help="append a JSON line: model, checkpoint, step, top1, top5, params, ops, images")
     return p
@@ -81,7 +82,7 @@ def run(args):
         counts = count_ops(model, (1, 3, args.input_size, args.input_size))
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
     model.to(info.device, memory_format=memory_format)
-    stats = evaluate(torch.compile(model) if args.compile else model, loader, info.device,
+    stats = evaluate(torch.compile(model, backend=args.compile) if args.compile else model, loader, info.device,
                      autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None,
                      channels_last=args.channels_last)
     if info.is_main:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "approx_sign_grad", "ApproxSign", "BinaryWeight", "SignConv2d", "RPReLUFunction",
-    "LearnableBias", "BinaryConv2d", "rprelu",
+    "PReLUBiasFunction", "LearnableBias", "BinaryConv2d", "rprelu", "prelu_bias",
 ]
 
 
@@ -43,12 +43,15 @@ class BinaryWeight(torch.autograd.Function):
     def forward(ctx, weight):
         ctx.save_for_backward(weight)
         alpha = weight.abs().mean(dim=tuple(range(1, weight.dim())), keepdim=True)
-        return alpha * torch.sign(weight)
+        return torch.sign(weight).mul_(alpha)  # = alpha * sign(W), one temporary fewer
 
     @staticmethod
     def backward(ctx, grad_out):
         (weight,) = ctx.saved_tensors
-        return grad_out * (weight.abs() <= 1).to(grad_out.dtype)
+        if weight.dtype != grad_out.dtype:
+            return grad_out * (weight.abs() <= 1).to(grad_out.dtype)
+        # The same product, grad * (|W| <= 1 as 1.0 / 0.0), in one buffer.
+        return weight.abs().le_(1).mul_(grad_out)
 
 
 class SignConv2d(torch.autograd.Function):
@@ -77,13 +80,43 @@ class SignConv2d(torch.autograd.Function):
             _pair(stride), _pair(padding), [1, 1], False, [0, 0], 1,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )
-        grad_u = grad_sign.to(u.dtype) * approx_sign_grad(u) if grad_sign is not None else None
+        grad_u = None
+        if grad_sign is not None:
+            # grad_sign * approx_sign_grad(u), with one temporary instead of four:
+            # (-2|u| + 2) equals (2 - 2|u|) exactly (2|u| and its negation are exact).
+            grad_u = u.abs().mul_(-2).add_(2).clamp_(min=0).mul_(grad_sign.to(u.dtype))
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
         return grad_u, grad_weight, None, None
 
 
 def _pair(v):
     return [v, v] if isinstance(v, int) else list(v)
+
+
+def _prelu_forward(z, slope):
+    """prelu(z) = z where z > 0 else slope * z, in the dtype torch.where(z > 0, z, z * slope) has."""
+    if z.dtype == slope.dtype:
+        # One pass, the same values as the torch.where form. (The kernel, not torch.prelu, which
+        # autocast would run in bfloat16.)
+        return torch.ops.aten._prelu_kernel(z, slope.view(1, -1, 1, 1))
+    return torch.where(z > 0, z, z * slope.view(1, -1, 1, 1))
+
+
+def _prelu_backward(grad_out, z, slope):
+    """(grad of z, per-channel grad of slope) of prelu, as
+    where(z > 0, g, g * slope) and sum over (N, H, W) of where(z > 0, 0, g * z)."""
+    if grad_out.dtype == z.dtype == slope.dtype:
+        grad_z, grad_slope = torch.ops.aten._prelu_kernel_backward(grad_out, z, slope.view(1, -1, 1, 1))
+        return grad_z, grad_slope.sum(dim=(0, 2, 3))
+    positive = z > 0
+    grad_z = torch.where(positive, grad_out, grad_out * slope.view(1, -1, 1, 1).to(grad_out.dtype))
+    grad_slope = torch.where(positive, 0, grad_out * z).sum(dim=(0, 2, 3))
+    return grad_z, grad_slope.to(slope.dtype)
+
+
+def _add_bias(y, bias):
+    """y + bias, written into y (an output of this Function) when that keeps the dtype."""
+    return y.add_(bias) if y.dtype == torch.result_type(y, bias) else y + bias
 
 
 class RPReLUFunction(torch.autograd.Function):
@@ -93,21 +126,39 @@ class RPReLUFunction(torch.autograd.Function):
     def forward(ctx, x, bias_in, slope, bias_out):
         z = x + bias_in
         ctx.save_for_backward(z, slope)
-        return torch.where(z > 0, z, z * slope.view(1, -1, 1, 1)) + bias_out
+        return _add_bias(_prelu_forward(z, slope), bias_out)
 
     @staticmethod
     def backward(ctx, grad_out):
         z, slope = ctx.saved_tensors
-        positive = z > 0
-        grad_z = torch.where(positive, grad_out, grad_out * slope.view(1, -1, 1, 1).to(grad_out.dtype))
-        grad_slope = torch.where(positive, 0, grad_out * z).sum(dim=(0, 2, 3))
+        grad_z, grad_slope = _prelu_backward(grad_out, z, slope)
         grad_bias_in = grad_z.sum(dim=(0, 2, 3)).view(1, -1, 1, 1)
         grad_bias_out = grad_out.sum(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        return grad_z, grad_bias_in, grad_slope.to(slope.dtype), grad_bias_out
+        return grad_z, grad_bias_in, grad_slope, grad_bias_out
+
+
+class PReLUBiasFunction(torch.autograd.Function):
+    """prelu(z, slope) + bias_out, saving z: the second half of RPReLU when the caller has
+    already added bias_in (in place, see models.reactnet.BasicBlock)."""
+
+    @staticmethod
+    def forward(ctx, z, slope, bias_out):
+        ctx.save_for_backward(z, slope)
+        return _add_bias(_prelu_forward(z, slope), bias_out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, slope = ctx.saved_tensors
+        grad_z, grad_slope = _prelu_backward(grad_out, z, slope)
+        return grad_z, grad_slope, grad_out.sum(dim=(0, 2, 3)).view(1, -1, 1, 1)
 
 
 def rprelu(x, bias_in: torch.Tensor, slope: torch.Tensor, bias_out: torch.Tensor) -> torch.Tensor:
     return RPReLUFunction.apply(x, bias_in, slope, bias_out)
+
+
+def prelu_bias(z, slope: torch.Tensor, bias_out: torch.Tensor) -> torch.Tensor:
+    return PReLUBiasFunction.apply(z, slope, bias_out)
 
 
 class LearnableBias(nn.Module):

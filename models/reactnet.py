@@ -6,7 +6,7 @@ strictly; step 1 and step 2 differ only in `BinaryConv2d.binary_weights`.
 import torch
 import torch.nn as nn
 
-from .binary import BinaryConv2d, LearnableBias, rprelu
+from .binary import BinaryConv2d, LearnableBias, prelu_bias
 
 __all__ = ["STAGE_WIDTHS", "FirstConv", "BasicBlock", "ReActNetA", "reactnet_a"]
 
@@ -60,16 +60,29 @@ class BasicBlock(nn.Module):
         self.pooling = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
 
     def forward(self, x):
-        out1 = self.bn1(self.binary_3x3(self.move11(x))) + self.pooling(x)
-        out1 = rprelu(out1, self.move12.bias, self.prelu1.weight, self.move13.bias)
+        # The sums are accumulated into the BatchNorm outputs (and the concatenation), whose
+        # backward passes do not need them: the same values as out-of-place additions in the
+        # same order, without the full-size temporaries.
+        out1 = _iadd(_iadd(self.bn1(self.binary_3x3(self.move11(x))), self.pooling(x)),
+                     self.move12.bias)
+        out1 = prelu_bias(out1, self.prelu1.weight, self.move13.bias)
 
         u = self.move21(out1)
         if self.inplanes == self.planes:
-            out2 = self.bn2(self.binary_pw(u)) + out1
+            out2 = _iadd(self.bn2(self.binary_pw(u)), out1)
         else:
-            out2 = torch.cat([self.bn2_1(self.binary_pw_down1(u)) + out1,
-                              self.bn2_2(self.binary_pw_down2(u)) + out1], dim=1)
-        return rprelu(out2, self.move22.bias, self.prelu2.weight, self.move23.bias)
+            out2 = torch.cat([_iadd(self.bn2_1(self.binary_pw_down1(u)), out1),
+                              _iadd(self.bn2_2(self.binary_pw_down2(u)), out1)], dim=1)
+        out2 = _iadd(out2, self.move22.bias)
+        return prelu_bias(out2, self.prelu2.weight, self.move23.bias)
+
+
+def _iadd(y, other):
+    """y + other, written into y when y is a fresh intermediate whose dtype and shape the sum keeps
+    (under autocast a bfloat16 y plus a float32 tensor is float32: then out of place)."""
+    if y.dtype == torch.result_type(y, other) and y.shape == torch.broadcast_shapes(y.shape, other.shape):
+        return y.add_(other)
+    return y + other
 
 
 class ReActNetA(nn.Module):

@@ -262,7 +262,8 @@ def test_filter_normalized_direction():
     for name in ("conv.weight", "fc.weight"):
         w = dict(model.named_parameters())[name]
         dims = tuple(range(1, w.dim()))
-        torch.testing.assert_close(d[name].norm(dim=dims), w.detach().norm(dim=dims))
+        norm = torch.linalg.vector_norm
+        torch.testing.assert_close(norm(d[name], dim=dims), norm(w.detach(), dim=dims))
 
 
 def test_loss_surface_grid():

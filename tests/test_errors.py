@@ -8,7 +8,7 @@ import torch
 
 import evaluate
 from models import reactnet_a
-from tests.tiny import ROOT, make_image_folder, make_teacher, step
+from tests.tiny import make_image_folder, make_teacher, step
 from utils import train
 
 

@@ -3,13 +3,14 @@ on a tiny ImageFolder with a teacher whose weights the test creates."""
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
 
 from models import reactnet_a
 from tests.tiny import ROOT, make_image_folder, make_teacher, run, step
-from utils.checkpoint import load_weights, read_checkpoint
+from utils.checkpoint import read_checkpoint
 
 
 def acc1_of(stdout):
@@ -19,7 +20,8 @@ def acc1_of(stdout):
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    data = make_image_folder(root / "data", classes=3, train_per_class=4, val_per_class=3)
+    # 6 train images: batches of 4 and 2; 9 val images.
+    data = make_image_folder(root / "data", classes=3, train_per_class=2, val_per_class=3)
     teacher = make_teacher(root / "teacher.pth", num_classes=3)
     # Step 1 from a user's own folder with relative paths; 2 epochs so that the first trains at lr > 0.
     s1 = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)
@@ -50,7 +52,7 @@ def test_step1_outputs(pipeline):
     assert ckpt["best_top1_acc"] == max(r["val_top1"] for r in lines)
     args = json.load(open(save / "args.json"))
     assert args["git_commit"] and args["data"] == "data" and args["save"] == str(save)
-    assert re.search(r"Epoch: \[0\]\[0/3\]\tTime .*\tData .*\tLoss .*\tAcc@1 .*\tAcc@5 .*\tlr .*img/s .*ETA",
+    assert re.search(r"Epoch: \[0\]\[0/2\]\tTime .*\tData .*\tLoss .*\tAcc@1 .*\tAcc@5 .*\tlr .*img/s .*ETA",
                      s1.stdout)
     # Step 1 really trained: the block convs moved away from the seeded initialisation.
     torch.manual_seed(0)
@@ -76,7 +78,7 @@ def test_evaluate(pipeline, tmp_path):
     root, _, _ = pipeline
     best = root / "s2" / "model_best.pth.tar"
     results = tmp_path / "results.jsonl"
-    p = run([os.sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", best, "--data",
+    p = run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", best, "--data",
              root / "data", "--input-size", "32", "-j", "0", "--batch_size", "4",
              "--results-file", results], cwd=tmp_path)
     acc = acc1_of(p.stdout)
@@ -110,8 +112,11 @@ def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys)
     assert stats["count"] == 9 and 0 <= stats["top1"] <= 100
 
 
-def test_relaunch_after_the_end_does_nothing(pipeline):
+def test_relaunch_after_the_end_does_nothing(pipeline, monkeypatch, capsys):
+    from utils import train
     root, _, _ = pipeline
-    p = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)
-    assert "nothing to do: 2 epochs already done" in p.stdout
+    monkeypatch.chdir(root)
+    train.main(["--step", "1", "--data", "data", "--save", "s1", "--epochs", "2", "--batch_size", "4",
+                "-j", "0", "--input-size", "32", "--teacher-weights", "teacher.pth"])
+    assert "nothing to do: 2 epochs already done" in capsys.readouterr().out
     assert len(open(root / "s1" / "log.jsonl").readlines()) == 2

@@ -182,3 +182,16 @@ def test_train_step_bf16_and_channels_last():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert logits.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in student.parameters())
+
+
+def test_fast_decode_is_opt_in(tmp_path):
+    from utils.data import draft_loader, train_loader
+    for split in ("train", "val"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        Image.fromarray(np.zeros((1000, 800, 3), np.uint8)).save(tmp_path / split / "a" / "x.jpg")
+    img = draft_loader(str(tmp_path / "train" / "a" / "x.jpg"), 224)
+    assert img.size == (400, 500) and img.mode == "RGB"  # 1/2 scale: 1/4 would be under 224
+    assert train_loader(str(tmp_path), 1, 0).dataset.loader.__name__ == "default_loader"
+    fast = train_loader(str(tmp_path), 1, 0, input_size=224, fast_decode=True)
+    assert fast.dataset.loader.func is draft_loader
+    assert next(iter(fast))[0].shape == (1, 3, 224, 224)

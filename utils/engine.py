@@ -53,7 +53,8 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
     teacher.eval()
     num_batches = len(loader)
     batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
-    sums = torch.zeros(4, device=device)  # loss * n, correct@1, correct@5, n
+    sums = torch.zeros(3, device=device)  # loss * n, correct@1, correct@5 (no sync per iteration)
+    count = 0
     start = end = time.perf_counter()
     for i, (images, target) in enumerate(loader):
         images = images.to(device, non_blocking=True)
@@ -66,21 +67,19 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
         loss, logits = train_step(student, teacher, images, criterion, optimizer,
                                   autocast_dtype, monitor)
         n = images.size(0)
-        c1, c5 = correct_topk(logits, target)
-        batch = torch.stack([loss * n, c1, c5, torch.tensor(float(n), device=device)])
+        batch = torch.stack([loss * n, *correct_topk(logits, target)])
         sums += batch
+        count += n
         batch_time.update(time.perf_counter() - end)
         if log is not None and (i % print_freq == 0 or i == num_batches - 1):
-            b = batch.tolist()  # synchronizes, at print time only
-            s = sums.tolist()
+            b, s = (batch / n).tolist(), (sums / count).tolist()  # synchronizes, at print time only
             log(progress_line(
-                epoch, i, num_batches, batch_time, data_time,
-                loss=(b[0] / n, s[0] / s[3]), top1=(100 * b[1] / n, 100 * s[1] / s[3]),
-                top5=(100 * b[2] / n, 100 * s[2] / s[3]), lr=optimizer.param_groups[0]["lr"],
-                images_per_s=n * world_size / batch_time.avg))
+                epoch, i, num_batches, batch_time, data_time, loss=(b[0], s[0]),
+                top1=(100 * b[1], 100 * s[1]), top5=(100 * b[2], 100 * s[2]),
+                lr=optimizer.param_groups[0]["lr"], images_per_s=n * world_size / batch_time.avg))
         end = time.perf_counter()
     elapsed = time.perf_counter() - start
-    loss_sum, c1, c5, count = all_reduce_sum(sums).tolist()
+    loss_sum, c1, c5, count = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])])).tolist()
     count = max(count, 1)
     return {"loss": loss_sum / count, "top1": 100 * c1 / count, "top5": 100 * c5 / count,
             "count": int(count), "images_per_s": count / elapsed, "time": elapsed}
@@ -91,7 +90,8 @@ def evaluate(model, loader, device, *, autocast_dtype=None, channels_last=False)
     """Plain cross-entropy loss, top-1 and top-5 (%) over the images of all processes' shards
     (each image once), and their count."""
     model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct@1, correct@5, n
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct@1, correct@5
+    count = 0
     for images, target in loader:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -100,10 +100,9 @@ def evaluate(model, loader, device, *, autocast_dtype=None, channels_last=False)
         with autocast(device, autocast_dtype):
             logits = model(images)
         logits = logits.float()
-        c1, c5 = correct_topk(logits, target)
-        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"), c1, c5,
-                             torch.tensor(float(images.size(0)), device=device)]).double()
-    loss, c1, c5, count = all_reduce_sum(sums).tolist()
-    count = max(count, 1)
-    return {"loss": loss / count, "top1": 100 * c1 / count, "top5": 100 * c5 / count,
-            "count": int(sums[3].item())}
+        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"),
+                             *correct_topk(logits, target)]).double()
+        count += images.size(0)
+    loss, c1, c5, count = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])])).tolist()
+    n = max(count, 1)
+    return {"loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n, "count": int(count)}

@@ -97,6 +97,16 @@ class RunLogger:
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
 
+    def truncate_records(self, epochs_done: int):
+        """On resume: forget the records of epochs after the checkpoint (a run killed between
+        writing an epoch's record and its checkpoint trains that epoch again)."""
+        path = os.path.join(self.save_dir, "log.jsonl")
+        if self.enabled and os.path.isfile(path):
+            with open(path) as f:
+                lines = [x for x in f if x.strip() and json.loads(x).get("epoch", -1) < epochs_done]
+            with open(path, "w") as f:
+                f.writelines(lines)
+
     def epoch_record(self, record: dict):
         if self.enabled:
             with open(os.path.join(self.save_dir, "log.jsonl"), "a") as f:

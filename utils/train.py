@@ -61,9 +61,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("none", "bf16"), default="none",
                    help="bf16 autocast for student and teacher (loss in float32)")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the student (backend: inductor unless given)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="decode training JPEGs at reduced size (utils.data.draft_loader); changes pixels")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (and no cuDNN autotuning)")
+                   help="deterministic algorithms where they exist (and no cuDNN autotuning)")
     p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
                    help="stop after N epochs of this launch (time-limited jobs); relaunch to resume")
     return p
@@ -175,14 +178,15 @@ def train(args) -> nn.Module:
         min(8, max(1, (os.cpu_count() or 1) // info.local_world_size))
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA pooling backward: warns
     torch.backends.cudnn.benchmark = not args.deterministic
     autocast_dtype = torch.bfloat16 if args.amp == "bf16" else None
 
     # Data (checked first: a bad folder stops the run before anything is written)
     pin = device.type == "cuda"
     train_dl = train_loader(args.data, batch, workers, info.world_size, info.rank, args.seed, pin,
-                            args.input_size, recipe.COMMON["crop_scale"], recipe.COMMON["lighting"])
+                            args.input_size, recipe.COMMON["crop_scale"], recipe.COMMON["lighting"],
+                            args.fast_decode)
     val_dl = val_loader(args.data, batch, workers, info.world_size, info.rank, pin, args.input_size)
     classes = train_dl.dataset.classes
     if val_dl.dataset.classes != classes:
@@ -241,6 +245,7 @@ def train(args) -> nn.Module:
         return student
 
     logger.open()
+    logger.truncate_records(start_epoch)
     commit = git_commit()
     logger.save_args(vars(args), git_commit=commit, world_size=info.world_size,
                      torch=torch.__version__)
@@ -248,8 +253,8 @@ def train(args) -> nn.Module:
     if info.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             student, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if args.compile else model
-    eval_model = torch.compile(student) if args.compile else student
+    train_model = torch.compile(model, backend=args.compile) if args.compile else model
+    eval_model = torch.compile(student, backend=args.compile) if args.compile else student
     monitor = None
     if args.analysis_every > 0:
         from .analysis import TrainingMonitor
@@ -273,13 +278,6 @@ def train(args) -> nn.Module:
         is_best = va["top1"] > best_top1
         best_top1 = max(best_top1, va["top1"])
         analysis = monitor.epoch_metrics() if monitor is not None else {}
-        if info.is_main:
-            save_checkpoint({
-                "epoch": epoch + 1, "step": args.step, "arch": "reactnet_a",
-                "state_dict": student.state_dict(), "best_top1_acc": best_top1,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "args": vars(args), "rng": rng_state(), "git_commit": commit,
-            }, args.save, is_best)
         done = epoch + 1 - start_epoch
         eta = (time.perf_counter() - run_start) / done * (args.epochs - epoch - 1)
         log(f"* Acc@1 {va['top1']:.3f} Acc@5 {va['top5']:.3f} (val loss {va['loss']:.4f}, "
@@ -289,11 +287,19 @@ def train(args) -> nn.Module:
                                  "lr": lr, "images_per_s": tr["images_per_s"]}, epoch)
         logger.scalars("val", {"loss": va["loss"], "acc1": va["top1"], "acc5": va["top5"]}, epoch)
         logger.scalars("analysis", analysis, epoch)
+        # The epoch's record, then its checkpoint: a resumed run drops records past its checkpoint.
         logger.epoch_record({
             "epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_top1": tr["top1"],
             "train_top5": tr["top5"], "val_loss": va["loss"], "val_top1": va["top1"],
             "val_top5": va["top5"], "val_images": va["count"], "best_top1": best_top1,
             "images_per_s": tr["images_per_s"], "epoch_time": tr["time"], **analysis})
+        if info.is_main:
+            save_checkpoint({
+                "epoch": epoch + 1, "step": args.step, "arch": "reactnet_a",
+                "state_dict": student.state_dict(), "best_top1_acc": best_top1,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "args": vars(args), "rng": rng_state(), "git_commit": commit,
+            }, args.save, is_best)
         barrier()
     if monitor is not None:
         monitor.close()

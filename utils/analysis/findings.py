@@ -74,7 +74,9 @@ def read_log(path: str) -> list[dict]:
 
 
 def _mean(records, key):
-    values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+    """Mean over the epochs that trained (lr > 0: the linear schedule's last epoch has lr 0,
+    where nothing moves and FF is 0 by construction)."""
+    values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r.get("lr", 1) > 0]
     return sum(values) / len(values) if values else None
 
 
@@ -88,9 +90,9 @@ def _last(records, key):
 def summarize(run: dict, records: list[dict]) -> dict:
     """One table row: the run's settings, its accuracy and its measurements over training.
 
-    FF, saturation, dead and the weak-gradient step ratio are averaged over the epochs (each
-    epoch's value is already the mean over its measured iterations); C2I, |W| > 1 and the
-    accuracies are the values at the end."""
+    FF, saturation, dead and the weak-gradient step ratio are averaged over the epochs that
+    trained (lr > 0; each epoch's value is already the mean over its measured iterations);
+    C2I, |W| > 1 and the accuracies are the values at the end."""
     return {
         "run": run["name"], "step": run["step"], "optimizer": run["optimizer"],
         "weight_decay": run["weight_decay"], "init": run.get("init"), "epochs": len(records),
@@ -155,8 +157,9 @@ def write_results(out: str, rows: list[dict], settings: dict, plots: list[str]) 
         "",
         results_table(rows),
         "",
-        "FF, saturation, dead and the weak-gradient step ratio are means over the epochs of "
-        "each epoch's mean over its measured iterations; C2I and |W|>1 are at the end of the "
+        "FF, saturation, dead and the weak-gradient step ratio are means over the epochs with "
+        "lr > 0 (the linear schedule's last epoch has lr 0) of each epoch's mean over its "
+        "measured iterations; C2I and |W|>1 are at the end of the "
         "run. C2I is measured against the run's starting weights (step 1: the initialization, "
         "step 2: the step-1 model). Weight statistics leave out the kernel taps that see only "
         "zero padding at 32x32 (see the README).",
@@ -174,6 +177,9 @@ def write_results(out: str, rows: list[dict], settings: dict, plots: list[str]) 
 # --------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------
+
+# Shown for every epoch; the others only for epochs with lr > 0 (nothing moves at lr 0).
+_AT_END = ("val_top1", "c2i", "latent_abs_mean", "latent_gt1")
 
 PLOT_METRICS = [("val_top1", "val top-1 (%)", False), ("ff", "FF ratio", True),
                 ("c2i", "C2I ratio", False), ("saturation", "activation saturation", False),
@@ -198,7 +204,8 @@ def plot_runs(runs: list[dict], logs: dict, path: str, title: str, metrics=PLOT_
     styles = ["-", "--", "-.", ":"]
     for ax, (key, label, log_scale) in zip(axes.flat, metrics):
         for i, run in enumerate(runs):
-            recs = [r for r in logs.get(run["name"], []) if isinstance(r.get(key), (int, float))]
+            recs = [r for r in logs.get(run["name"], []) if isinstance(r.get(key), (int, float))
+                    and (key in _AT_END or r.get("lr", 1) > 0)]
             if not recs:
                 continue
             x = [r["epoch"] + 1 for r in recs]
@@ -278,8 +285,10 @@ def _run(cmd, log_path=None, env=None):
                          + (f"; see {log_path}" if log_path else ""))
 
 
-def _env():
+def _env(threads: int | None = None):
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -289,8 +298,9 @@ def _env():
 def prepare(args, env):
     """The digits export and the teacher: the demo's if they are there, else made like the demo."""
     py = sys.executable
-    _run([py, "-m", "utils.digits", "export", "--out", args.data, "--size", str(args.input_size)],
-         env=env)
+    if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
+        _run([py, "-m", "utils.digits", "export", "--out", args.data, "--size",
+              str(args.input_size)], env=env)
     teacher = args.teacher_weights
     if not os.path.isfile(teacher):
         teacher = os.path.join(args.work, "teacher", "resnet34_digits.pth")
@@ -376,13 +386,15 @@ def get_parser():
                                                              "resnet34_digits.pth"),
                    help="the demo's teacher (if missing, one is trained under --work)")
     p.add_argument("--teacher-epochs", type=int, default=10)
-    p.add_argument("--epochs1", type=int, default=6, help="epochs of each step-1 run")
-    p.add_argument("--epochs2", type=int, default=6, help="epochs of each step-2 run")
+    p.add_argument("--epochs1", type=int, default=8, help="epochs of each step-1 run")
+    p.add_argument("--epochs2", type=int, default=8, help="epochs of each step-2 run")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--input-size", type=int, default=32)
     p.add_argument("--analysis-every", type=int, default=2, help="measure every N iterations")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-j", "--workers", type=int, default=1, help="data-loading workers")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the runs (default: inherited; 1 helps on a busy machine)")
     p.add_argument("--runs", default=None,
                    help="comma-separated subset of the runs (default: all): "
                         + ", ".join(r["name"] for r in default_runs()))
@@ -404,7 +416,7 @@ def main(argv=None):
         runs = [r for r in runs if r["name"] in wanted]
     wall = {}
     if not args.report_only:
-        env = _env()
+        env = _env(args.threads)
         start = time.perf_counter()
         teacher = prepare(args, env)
         for run in runs:

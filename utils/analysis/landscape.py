@@ -47,7 +47,8 @@ def filter_normalized_direction(model: nn.Module, generator: torch.Generator) ->
             continue
         d = torch.randn(w.shape, generator=generator, dtype=torch.float32).to(w)
         dims = tuple(range(1, w.dim()))
-        d.mul_(w.norm(dim=dims, keepdim=True) / (d.norm(dim=dims, keepdim=True) + 1e-10))
+        norm = torch.linalg.vector_norm
+        d.mul_(norm(w, dim=dims, keepdim=True) / (norm(d, dim=dims, keepdim=True) + 1e-10))
         direction[name] = d
     return direction
 

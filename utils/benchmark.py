@@ -1,0 +1,482 @@
+"""Training-speed and memory benchmark: `python -m utils.benchmark` (and `--loader`).
+
+Times one training iteration -- teacher forward (ResNet-34, random weights), student forward and
+backward, the distillation loss, the Adam step -- for step 1 and step 2 of ReActNet-A, and
+measures the iteration's peak memory, for
+
+- `baseline`: the original release's code path (utils/baseline.py: binarizers through autograd
+  over elementwise mask arithmetic, fp32) in the original's loop order (student forward, teacher
+  forward with frozen parameters, loss, zero_grad, backward, step);
+- `repo`: this repository's model through utils.engine.train_step, fp32 (the default);
+- the opt-in modes of the repository model: `bf16` (autocast), `channels_last`, `compile`
+  (torch.compile of the student), and combinations joined with '+', e.g. `bf16+channels_last`.
+
+All modes start from the same weights and see the same images. Timing runs the modes in turns
+(round-robin, several rounds, one process) and reports the median; the ratios are this median
+over the baseline's median.
+
+Peak memory is the memory an iteration needs on top of what is resident before it (weights,
+gradients' absence, optimizer state, teacher, input batch):
+- CUDA: torch.cuda.max_memory_allocated() during the iteration minus memory_allocated() before it.
+- CPU: each (mode, step) runs in a fresh process with MALLOC_MMAP_THRESHOLD_=65536, so that glibc
+  serves every block above 64 KiB with mmap and returns it on free, and the resident set (RSS)
+  tracks the live tensors. After one warm-up iteration the process resets its high-water mark
+  (`echo 5 > /proc/self/clear_refs`), runs one iteration, and reports VmHWM - VmRSS(before) from
+  /proc/self/status.
+
+`--loader` measures the train transform pipeline (utils.data.train_transform: JPEG decode,
+RandomResizedCrop, Lighting, flip, ToTensor, Normalize) in images/s for one worker, on JPEGs it
+generates. See the README's "Performance" section for measured figures.
+"""
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+MiB = 2 ** 20
+FEATURES = ("bf16", "channels_last", "compile")
+DEFAULT_MODES = "baseline,repo,bf16,channels_last"
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up of one (mode, step)
+
+
+def parse_mode(mode: str) -> frozenset:
+    """'baseline' -> {'baseline'}; 'repo' -> {} ; 'bf16+channels_last' -> {'bf16', 'channels_last'}."""
+    if mode == "baseline":
+        return frozenset({"baseline"})
+    parts = frozenset(p for p in mode.split("+") if p and p != "repo")
+    unknown = parts - set(FEATURES)
+    if unknown:
+        raise SystemExit(f"error: unknown mode part(s) {sorted(unknown)} in {mode!r}: use "
+                         f"'baseline', 'repo' or a '+'-joined combination of {', '.join(FEATURES)}")
+    return parts
+
+
+class Runner:
+    """Student, teacher, optimizer, loss and one fixed batch for one (mode, step); `iteration()`
+    runs one training iteration and waits for the device."""
+
+    def __init__(self, mode: str, step: int, batch_size: int, resolution: int, device, num_classes=1000):
+        import torchvision
+
+        from models import reactnet_a
+
+        from . import recipe
+        from .baseline import baseline_reactnet_a, baseline_train_step
+        from .distill import DistributionLoss
+        from .engine import train_step
+
+        self.mode, self.step, self.device = mode, step, device
+        features = parse_mode(mode)
+        binary_weights = recipe.STEPS[step]["binary_weights"]
+        torch.manual_seed(0)
+        student = reactnet_a(binary_weights=binary_weights, num_classes=num_classes)
+        if "baseline" in features:
+            original = baseline_reactnet_a(binary_weights=binary_weights, num_classes=num_classes)
+            original.load_state_dict(student.state_dict(), strict=True)
+            student = original
+        torch.manual_seed(1)
+        teacher = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+        teacher.eval().requires_grad_(False)
+        gen = torch.Generator().manual_seed(2)
+        images = torch.randn(batch_size, 3, resolution, resolution, generator=gen)
+
+        memory_format = torch.channels_last if "channels_last" in features else torch.preserve_format
+        student.to(device, memory_format=memory_format).train()
+        teacher.to(device, memory_format=memory_format)
+        images = images.to(device).contiguous(memory_format=memory_format)
+        optimizer = recipe.build_optimizer(student, "adam", recipe.LEARNING_RATE["adam"],
+                                           recipe.STEPS[step]["weight_decay"])
+        criterion = DistributionLoss()
+        model = torch.compile(student) if "compile" in features else student
+        autocast_dtype = torch.bfloat16 if "bf16" in features else None
+        if "baseline" in features:
+            self._step = lambda: baseline_train_step(student, teacher, images, criterion, optimizer)
+        else:
+            self._step = lambda: train_step(model, teacher, images, criterion, optimizer, autocast_dtype)
+        self.batch_size = batch_size
+
+    def iteration(self) -> float:
+        """One iteration; returns its wall time in seconds."""
+        sync()
+        start = time.perf_counter()
+        loss, _ = self._step()
+        loss.item()  # the loop reads the loss, as the original's progress meter does
+        sync()
+        return time.perf_counter() - start
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def cpu_iteration_peak(runner: Runner) -> dict:
+    """Run in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 (see the module docstring):
+    warm up, reset VmHWM, run one iteration, return VmHWM - VmRSS(before) in MiB."""
+    runner.iteration()  # warm-up: optimizer state exists, compiled code is built
+    before = _proc_status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the resident-set high-water mark (VmHWM) to the current RSS
+    if _proc_status_kib("VmHWM") > before + 1024:
+        raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
+    runner.iteration()
+    hwm = _proc_status_kib("VmHWM")
+    return {"peak_mib": (hwm - before) / 1024, "resident_before_mib": before / 1024}
+
+
+def cuda_iteration_peak(runner: Runner) -> dict:
+    runner.iteration()
+    sync()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runner.iteration()
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_mib": (peak - before) / MiB, "resident_before_mib": before / MiB}
+
+
+def measure_memory_subprocess(mode: str, step: int, args) -> dict:
+    """CPU peak memory of one (mode, step) in a fresh process."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "utils.benchmark", "--memory-probe", mode, "--steps", str(step),
+           "--batch-size", str(args.batch_size), "--resolution", str(args.resolution),
+           "--threads", str(args.threads), "--num-classes", str(args.num_classes),
+           "--device", "cpu"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe {mode} step {step} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def machine_info(device) -> dict:
+    import torchvision
+    info = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": device.type,
+            "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpus": os.cpu_count()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run_benchmark(args) -> dict:
+    device = torch.device(args.device)
+    modes = [m for m in args.modes.split(",") if m]
+    for m in modes:
+        parse_mode(m)
+    if "baseline" not in modes:
+        modes.insert(0, "baseline")
+    results = {"machine": machine_info(device), "batch_size": args.batch_size,
+               "resolution": args.resolution, "rounds": args.rounds, "warmup": args.warmup,
+               "load_average_start": load_average(), "rows": []}
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if not args.quiet else (lambda s: None)
+    for step in args.steps:
+        runners = {}
+        for mode in modes:
+            log(f"[benchmark] step {step} {mode}: building and warming up ({args.warmup} iteration(s))")
+            t = time.perf_counter()
+            runners[mode] = Runner(mode, step, args.batch_size, args.resolution, device, args.num_classes)
+            for _ in range(args.warmup):
+                runners[mode].iteration()
+            log(f"[benchmark]   ready in {time.perf_counter() - t:.1f} s")
+        times = {m: [] for m in modes}
+        for r in range(args.rounds):
+            order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate the turn order
+            for mode in order:
+                times[mode].append(runners[mode].iteration())
+            log(f"[benchmark] step {step} round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{m} {1000 * times[m][-1]:.0f} ms" for m in modes))
+        memory = {}
+        if not args.no_memory:
+            for mode in modes:
+                if device.type == "cuda":
+                    memory[mode] = cuda_iteration_peak(runners[mode])
+                else:
+                    log(f"[benchmark] step {step} {mode}: peak memory in a fresh process")
+                    memory[mode] = measure_memory_subprocess(mode, step, args)
+        del runners
+        base_t = statistics.median(times["baseline"])
+        base_m = memory.get("baseline", {}).get("peak_mib")
+        for mode in modes:
+            med = statistics.median(times[mode])
+            peak = memory.get(mode, {}).get("peak_mib")
+            results["rows"].append({
+                "mode": mode, "step": step, "ms_per_iter": 1000 * med,
+                "ms_all": [1000 * t for t in times[mode]],
+                "images_per_s": args.batch_size / med, "peak_mib": peak,
+                "resident_before_mib": memory.get(mode, {}).get("resident_before_mib"),
+                "time_ratio": med / base_t,
+                "memory_ratio": (peak / base_m) if peak is not None and base_m else None,
+            })
+    results["load_average_end"] = load_average()
+    return results
+
+
+def format_results(res: dict) -> str:
+    m = res["machine"]
+    where = m.get("gpu", m["cpu"])
+    lines = [
+        f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}; device {m['device']}: "
+        f"{where}; {m['cpus']} CPUs, {m['threads']} torch threads"
+        + (f"; CUDA {m['cuda']}, cuDNN {m['cudnn']}" if "gpu" in m else ""),
+        f"batch {res['batch_size']} at {res['resolution']}x{res['resolution']}, ReActNet-A student + "
+        f"ResNet-34 teacher (random weights), Adam; median of {res['rounds']} iterations per mode, "
+        f"modes in turns, after {res['warmup']} warm-up iteration(s); load average "
+        f"{res['load_average_start']} (start), {res['load_average_end']} (end)",
+        "",
+        "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res["rows"]:
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+        mem = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "n/a"
+        lines.append(f"| {r['mode']} | {r['step']} | {r['ms_per_iter']:.0f} | {r['images_per_s']:.1f} | "
+                     f"{peak} | {r['time_ratio']:.2f}x | {mem} |")
+    lines += [
+        "",
+        "ms/iter: median wall time of one training iteration (teacher forward, student forward and "
+        "backward, loss, Adam step). peak MiB: memory the iteration needs on top of what is resident "
+        "before it (" + ("torch.cuda.max_memory_allocated during the iteration minus memory_allocated "
+                         "before it" if m["device"] == "cuda" else
+                         "CPU: VmHWM - VmRSS in a fresh process with MALLOC_MMAP_THRESHOLD_=65536, "
+                         "high-water mark reset after one warm-up iteration") + "). "
+        "Ratios: mode / baseline (the original code path, fp32) at the same step.",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data pipeline
+
+
+def make_jpegs(folder: str, count: int, width: int, height: int, quality: int = 90, seed: int = 0):
+    """JPEGs with photo-like content: smooth random colour fields (bicubic upsampling of a coarse
+    random image), shading and mild fine-grained noise."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    paths = []
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    for i in range(count):
+        coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(coarse, "RGB").resize((width, height), Image.BICUBIC),
+                         dtype=np.float32)
+        detail = rng.integers(0, 256, size=(height // 4, width // 4, 3), dtype=np.uint8)
+        img += 0.25 * (np.asarray(Image.fromarray(detail, "RGB").resize((width, height), Image.BILINEAR),
+                                  dtype=np.float32) - 128)
+        img *= (0.7 + 0.3 * np.sin(xx / width * np.pi * rng.uniform(0.5, 2)))[..., None]
+        img += rng.normal(0, 4, size=img.shape)
+        path = os.path.join(folder, f"img_{i:04d}.JPEG")
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(path, quality=quality)
+        paths.append(path)
+    return paths
+
+
+def run_loader_benchmark(args) -> dict:
+    """Images/s of the train transform in one process with one torch thread (as in a DataLoader
+    worker), and the time of each stage of it."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from . import data
+
+    torch.set_num_threads(1)
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    tf = data.train_transform(args.input_size)
+    fast = getattr(data, "draft_loader", None)
+    res = {"image_size": [width, height], "images": args.images, "input_size": args.input_size,
+           "quality": args.quality, "cpu": cpu_name(), "torch": torch.__version__,
+           "stages_ms": {}, "load_average_start": load_average()}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_jpegs(tmp, args.images, width, height, args.quality)
+        blobs = [open(p, "rb").read() for p in paths]
+        res["mean_file_kib"] = sum(map(len, blobs)) / len(blobs) / 1024
+
+        def pil_loader(path):  # torchvision.datasets.folder.pil_loader, what ImageFolder uses
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
+
+        def timed(fn, reps):
+            best = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                for p in paths:
+                    fn(p)
+                best.append(time.perf_counter() - t)
+            return statistics.median(best) / len(paths)
+
+        torch.manual_seed(0)
+        for p in paths[:4]:
+            tf(pil_loader(p))  # warm-up
+        reps = args.loader_reps
+        full = timed(lambda p: tf(pil_loader(p)), reps)
+        res["images_per_s"] = 1 / full
+        # Stage by stage, on the same images.
+        decoded = [pil_loader(p) for p in paths]
+        rrc, lighting, flip, to_tensor, normalize = tf.transforms
+        crops = [rrc(im) for im in decoded]
+        lit = [lighting(im) for im in crops]
+        flipped = [flip(im) for im in lit]
+        tensors = [to_tensor(im) for im in flipped]
+        n = len(paths)
+        stage = {}
+        stage["decode (PIL open + convert RGB)"] = timed(pil_loader, reps)
+        for name, fn, inputs in (("RandomResizedCrop", rrc, decoded), ("Lighting", lighting, crops),
+                                 ("RandomHorizontalFlip", flip, lit), ("ToTensor", to_tensor, flipped),
+                                 ("Normalize", normalize, tensors)):
+            runs = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                for x in inputs:
+                    fn(x)
+                runs.append(time.perf_counter() - t)
+            stage[name] = statistics.median(runs) / n
+        res["stages_ms"] = {k: 1000 * v for k, v in stage.items()}
+        if fast is not None:
+            res["draft_images_per_s"] = 1 / timed(lambda p: tf(fast(p, args.input_size)), reps)
+            res["draft_decode_ms"] = 1000 * timed(lambda p: fast(p, args.input_size), reps)
+    res["load_average_end"] = load_average()
+    return res
+
+
+def format_loader(res: dict, train_images_per_s=None) -> str:
+    w, h = res["image_size"]
+    lines = [f"train transform, one worker (1 torch thread), {res['images']} generated {w}x{h} JPEGs "
+             f"(quality {res['quality']}, {res['mean_file_kib']:.0f} KiB on average) -> "
+             f"{res['input_size']}x{res['input_size']}; {res['cpu']}; load average "
+             f"{res['load_average_start']} (start), {res['load_average_end']} (end)", "",
+             "| stage | ms/image |", "| --- | ---: |"]
+    for k, v in res["stages_ms"].items():
+        lines.append(f"| {k} | {v:.2f} |")
+    lines.append(f"| whole pipeline | {1000 / res['images_per_s']:.2f} |")
+    lines += ["", f"images/s per worker: {res['images_per_s']:.1f}"]
+    if "draft_images_per_s" in res:
+        lines.append(f"images/s per worker with the opt-in reduced-size JPEG decode (utils.data."
+                     f"draft_loader): {res['draft_images_per_s']:.1f} (decode {res['draft_decode_ms']:.2f} "
+                     f"ms/image; no gain for images under twice the crop size)")
+    lines.append("loader workers needed = training images/s / images/s per worker")
+    if train_images_per_s:
+        lines.append(f"  at {train_images_per_s:.1f} training images/s: "
+                     f"{train_images_per_s / res['images_per_s']:.2f} workers")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Training-iteration speed and memory of ReActNet-A: the "
+                                            "original code path against this repository's.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: 16 on CPU, 256 on CUDA")
+    p.add_argument("--resolution", type=int, default=None, help="default: 128 on CPU, 224 on CUDA")
+    p.add_argument("--steps", type=int, nargs="+", choices=(1, 2), default=[1, 2])
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help="comma-separated: baseline, repo, or '+'-joined bf16, channels_last, compile")
+    p.add_argument("--compile", action="store_true", help="also measure the mode 'compile'")
+    p.add_argument("--rounds", type=int, default=5, help="timed iterations per mode (in turns)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per mode first")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--loader", action="store_true",
+                   help="benchmark the train transform pipeline instead (images/s per worker)")
+    p.add_argument("--images", type=int, default=64, help="--loader: number of generated JPEGs")
+    p.add_argument("--image-size", default="500x375", help="--loader: WxH of the generated JPEGs")
+    p.add_argument("--quality", type=int, default=90, help="--loader: JPEG quality")
+    p.add_argument("--input-size", type=int, default=224, help="--loader: train crop size")
+    p.add_argument("--loader-reps", type=int, default=3, help="--loader: passes over the images (median)")
+    p.add_argument("--train-images-per-s", type=float, default=None,
+                   help="--loader: training rate to size the workers for")
+    p.add_argument("--memory-probe", metavar="MODE", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    if args.loader:
+        res = run_loader_benchmark(args)
+        print(format_loader(res, args.train_images_per_s))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return res
+    cuda = args.device.startswith("cuda")
+    if args.batch_size is None:
+        args.batch_size = 256 if cuda else 16
+    if args.resolution is None:
+        args.resolution = 224 if cuda else 128
+    if args.resolution % 32 or min(args.batch_size, args.resolution, args.rounds) < 1:
+        raise SystemExit("error: --resolution must be a positive multiple of 32; --batch-size and "
+                         "--rounds positive")
+    torch.set_num_threads(args.threads)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    if args.memory_probe:  # internal: one CPU peak-memory measurement in this fresh process
+        runner = Runner(args.memory_probe, args.steps[0], args.batch_size, args.resolution,
+                        torch.device(args.device), args.num_classes)
+        print(json.dumps(cpu_iteration_peak(runner)))
+        return None
+    if args.compile and "compile" not in args.modes.split(","):
+        args.modes += ",compile"
+    res = run_benchmark(args)
+    print(format_results(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
