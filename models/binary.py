@@ -116,7 +116,7 @@ def _prelu_backward(grad_out, z, slope):
 
 def _add_bias(y, bias):
     """y + bias, written into y (an output of this Function) when that keeps the dtype."""
-    return y.add_(bias) if y.dtype == torch.result_type(y, bias) else y + bias
+    return y.add_(bias) if y.dtype == torch.promote_types(y.dtype, bias.dtype) else y + bias
 
 
 class RPReLUFunction(torch.autograd.Function):

@@ -78,9 +78,10 @@ class BasicBlock(nn.Module):
 
 
 def _iadd(y, other):
-    """y + other, written into y when y is a fresh intermediate whose dtype and shape the sum keeps
-    (under autocast a bfloat16 y plus a float32 tensor is float32: then out of place)."""
-    if y.dtype == torch.result_type(y, other) and y.shape == torch.broadcast_shapes(y.shape, other.shape):
+    """y + other, written into y (a fresh intermediate of the block, `other` of y's shape or a
+    per-channel [1, C, 1, 1] bias) when that keeps the dtype of the sum; under autocast a
+    bfloat16 y plus a float32 tensor is float32, and is then computed out of place."""
+    if y.dtype == torch.promote_types(y.dtype, other.dtype):
         return y.add_(other)
     return y + other
 

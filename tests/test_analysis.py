@@ -328,9 +328,10 @@ def test_findings_table_from_json_lines(tmp_path):
                               "weight_decay": 0.0}, [{"epoch": 0, "val_top1": 10.0}])
     table = findings.results_table([row, sgd])
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| run | step | optimizer | weight decay")
-    assert "| s1-adam | 1 | adam | 5e-06 | 2 | 80.00 | 80.00 | 3.00% | 25.00% | 30.00% | 2.00% |" in table
-    assert "| s1-sgd | 1 | sgd | 0 | 1 | n/a | 10.00 | n/a |" in table
+    assert len(lines) == 4 and lines[0].startswith("| run | step | optimizer | lr | weight decay")
+    assert ("| s1-adam | 1 | adam | 0.00125 | 5e-06 | 2 | 80.00 | 80.00 | 3.00% | 25.00% | 30.00% "
+            "| 2.00% |") in table
+    assert "| s1-sgd | 1 | sgd | 0.1 | 0 | 1 | n/a | 10.00 | n/a |" in table
     path = findings.write_results(str(tmp_path / "out"), [row, sgd], {"seed": 0}, [])
     text = open(path).read()
     assert table in text

@@ -15,14 +15,18 @@ All modes start from the same weights and see the same images. Timing runs the m
 (round-robin, several rounds, one process) and reports the median; the ratios are this median
 over the baseline's median.
 
-Peak memory is the memory an iteration needs on top of what is resident before it (weights,
-gradients' absence, optimizer state, teacher, input batch):
-- CUDA: torch.cuda.max_memory_allocated() during the iteration minus memory_allocated() before it.
+Peak memory is the memory an iteration needs above the resident state without gradients
+(weights, optimizer state, teacher, input batch). Gradients count in the iteration: the original
+loop keeps them alive between iterations (zero_grad comes after the next forward), train_step
+frees them after the step, so the gradient bytes alive before the iteration are subtracted from
+the "before" figure:
+- CUDA: torch.cuda.max_memory_allocated() during the iteration - (memory_allocated() before it -
+  gradient bytes).
 - CPU: each (mode, step) runs in a fresh process with MALLOC_MMAP_THRESHOLD_=65536, so that glibc
   serves every block above 64 KiB with mmap and returns it on free, and the resident set (RSS)
   tracks the live tensors. After one warm-up iteration the process resets its high-water mark
-  (`echo 5 > /proc/self/clear_refs`), runs one iteration, and reports VmHWM - VmRSS(before) from
-  /proc/self/status.
+  (`echo 5 > /proc/self/clear_refs`), runs one iteration, and reports VmHWM - (VmRSS before -
+  gradient bytes) from /proc/self/status.
 
 `--loader` measures the train transform pipeline (utils.data.train_transform: JPEG decode,
 RandomResizedCrop, Lighting, flip, ToTensor, Normalize) in images/s for one worker, on JPEGs it
@@ -105,15 +109,21 @@ class Runner:
         else:
             self._step = lambda: train_step(model, teacher, images, criterion, optimizer, autocast_dtype)
         self.batch_size = batch_size
+        self.params = list(student.parameters())
 
-    def iteration(self) -> float:
-        """One iteration; returns its wall time in seconds."""
+    def iteration(self) -> tuple[float, float]:
+        """One iteration; returns its wall time and the process's CPU time (all threads) in seconds."""
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         loss, _ = self._step()
         loss.item()  # the loop reads the loss, as the original's progress meter does
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
+
+    def gradient_bytes(self) -> int:
+        """Bytes of the parameter gradients alive now (the original loop keeps them between
+        iterations; train_step frees them after the step)."""
+        return sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
 
 
 def sync():
@@ -138,23 +148,27 @@ def cpu_iteration_peak(runner: Runner) -> dict:
     warm up, reset VmHWM, run one iteration, return VmHWM - VmRSS(before) in MiB."""
     runner.iteration()  # warm-up: optimizer state exists, compiled code is built
     before = _proc_status_kib("VmRSS")
+    grads = runner.gradient_bytes() / 1024
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the resident-set high-water mark (VmHWM) to the current RSS
     if _proc_status_kib("VmHWM") > before + 1024:
         raise RuntimeError("could not reset VmHWM through /proc/self/clear_refs")
     runner.iteration()
     hwm = _proc_status_kib("VmHWM")
-    return {"peak_mib": (hwm - before) / 1024, "resident_before_mib": before / 1024}
+    return {"peak_mib": (hwm - (before - grads)) / 1024, "resident_before_mib": before / 1024,
+            "gradients_before_mib": grads / 1024}
 
 
 def cuda_iteration_peak(runner: Runner) -> dict:
     runner.iteration()
     sync()
     before = torch.cuda.memory_allocated()
+    grads = runner.gradient_bytes()
     torch.cuda.reset_peak_memory_stats()
     runner.iteration()
     peak = torch.cuda.max_memory_allocated()
-    return {"peak_mib": (peak - before) / MiB, "resident_before_mib": before / MiB}
+    return {"peak_mib": (peak - (before - grads)) / MiB, "resident_before_mib": before / MiB,
+            "gradients_before_mib": grads / MiB}
 
 
 def measure_memory_subprocess(mode: str, step: int, args) -> dict:
@@ -226,12 +240,15 @@ def run_benchmark(args) -> dict:
                 runners[mode].iteration()
             log(f"[benchmark]   ready in {time.perf_counter() - t:.1f} s")
         times = {m: [] for m in modes}
+        cpu_times = {m: [] for m in modes}
         for r in range(args.rounds):
             order = modes[r % len(modes):] + modes[:r % len(modes)]  # rotate the turn order
             for mode in order:
-                times[mode].append(runners[mode].iteration())
+                wall, cpu = runners[mode].iteration()
+                times[mode].append(wall)
+                cpu_times[mode].append(cpu)
             log(f"[benchmark] step {step} round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{m} {1000 * times[m][-1]:.0f} ms" for m in modes))
+                f"{m} {1000 * times[m][-1]:.0f} ms (CPU {1000 * cpu_times[m][-1]:.0f} ms)" for m in modes))
         memory = {}
         if not args.no_memory:
             for mode in modes:
@@ -242,16 +259,19 @@ def run_benchmark(args) -> dict:
                     memory[mode] = measure_memory_subprocess(mode, step, args)
         del runners
         base_t = statistics.median(times["baseline"])
+        base_c = statistics.median(cpu_times["baseline"])
         base_m = memory.get("baseline", {}).get("peak_mib")
         for mode in modes:
             med = statistics.median(times[mode])
+            cpu = statistics.median(cpu_times[mode])
             peak = memory.get(mode, {}).get("peak_mib")
             results["rows"].append({
                 "mode": mode, "step": step, "ms_per_iter": 1000 * med,
                 "ms_all": [1000 * t for t in times[mode]],
+                "cpu_ms_per_iter": 1000 * cpu, "cpu_ms_all": [1000 * t for t in cpu_times[mode]],
                 "images_per_s": args.batch_size / med, "peak_mib": peak,
                 "resident_before_mib": memory.get(mode, {}).get("resident_before_mib"),
-                "time_ratio": med / base_t,
+                "time_ratio": med / base_t, "cpu_time_ratio": cpu / base_c,
                 "memory_ratio": (peak / base_m) if peak is not None and base_m else None,
             })
     results["load_average_end"] = load_average()
@@ -270,22 +290,27 @@ def format_results(res: dict) -> str:
         f"modes in turns, after {res['warmup']} warm-up iteration(s); load average "
         f"{res['load_average_start']} (start), {res['load_average_end']} (end)",
         "",
-        "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline "
+        "| CPU ms/iter | CPU time vs baseline |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["rows"]:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
         mem = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "n/a"
         lines.append(f"| {r['mode']} | {r['step']} | {r['ms_per_iter']:.0f} | {r['images_per_s']:.1f} | "
-                     f"{peak} | {r['time_ratio']:.2f}x | {mem} |")
+                     f"{peak} | {r['time_ratio']:.2f}x | {mem} | {r['cpu_ms_per_iter']:.0f} | "
+                     f"{r['cpu_time_ratio']:.2f}x |")
     lines += [
         "",
         "ms/iter: median wall time of one training iteration (teacher forward, student forward and "
-        "backward, loss, Adam step). peak MiB: memory the iteration needs on top of what is resident "
-        "before it (" + ("torch.cuda.max_memory_allocated during the iteration minus memory_allocated "
-                         "before it" if m["device"] == "cuda" else
-                         "CPU: VmHWM - VmRSS in a fresh process with MALLOC_MMAP_THRESHOLD_=65536, "
-                         "high-water mark reset after one warm-up iteration") + "). "
+        "backward, loss, Adam step); CPU ms/iter: the process's CPU time (all threads) in it. "
+        "peak MiB: the memory the iteration needs above the resident state without gradients "
+        "(weights, optimizer state, teacher, batch; gradients count in the iteration: " +
+        ("torch.cuda.max_memory_allocated() during the iteration - (memory_allocated() before it - "
+         "gradient bytes alive before it)" if m["device"] == "cuda" else
+         "VmHWM - (VmRSS before - gradient bytes alive before), in a fresh process per row with "
+         "MALLOC_MMAP_THRESHOLD_=65536, VmHWM reset through /proc/self/clear_refs after one warm-up "
+         "iteration") + "). "
         "Ratios: mode / baseline (the original code path, fp32) at the same step.",
     ]
     return "\n".join(lines)
@@ -297,7 +322,9 @@ def format_results(res: dict) -> str:
 
 def make_jpegs(folder: str, count: int, width: int, height: int, quality: int = 90, seed: int = 0):
     """JPEGs with photo-like content: smooth random colour fields (bicubic upsampling of a coarse
-    random image), shading and mild fine-grained noise."""
+    random image), texture, shading and sensor-like noise. At 500x375 and quality 90 they average
+    about 100 KiB, close to ImageNet's average training JPEG (~110 KB), so that decoding costs
+    about what it costs on ImageNet."""
     import numpy as np
     from PIL import Image
     rng = np.random.default_rng(seed)
@@ -307,11 +334,11 @@ def make_jpegs(folder: str, count: int, width: int, height: int, quality: int = 
         coarse = rng.integers(0, 256, size=(max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
         img = np.asarray(Image.fromarray(coarse, "RGB").resize((width, height), Image.BICUBIC),
                          dtype=np.float32)
-        detail = rng.integers(0, 256, size=(height // 4, width // 4, 3), dtype=np.uint8)
-        img += 0.25 * (np.asarray(Image.fromarray(detail, "RGB").resize((width, height), Image.BILINEAR),
-                                  dtype=np.float32) - 128)
+        detail = rng.integers(0, 256, size=(max(1, height // 2), max(1, width // 2), 3), dtype=np.uint8)
+        img += 0.6 * (np.asarray(Image.fromarray(detail, "RGB").resize((width, height), Image.BILINEAR),
+                                 dtype=np.float32) - 128)
         img *= (0.7 + 0.3 * np.sin(xx / width * np.pi * rng.uniform(0.5, 2)))[..., None]
-        img += rng.normal(0, 4, size=img.shape)
+        img += rng.normal(0, 9, size=img.shape)
         path = os.path.join(folder, f"img_{i:04d}.JPEG")
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(path, quality=quality)
         paths.append(path)

@@ -26,11 +26,14 @@ import subprocess
 import sys
 import time
 
+from utils.recipe import LEARNING_RATE
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The runs, in the order they are run (most telling first). 'init': the run whose
 # model_best.pth.tar a step-2 run starts from.
 RECIPE_WD1 = 5e-6
+DEFAULT_LR = LEARNING_RATE          # the trainer's defaults by optimizer
 WD_SWEEP = (0.0, 5e-6, 1e-5, 5e-5, 1e-4)
 
 
@@ -44,9 +47,15 @@ def default_runs() -> list[dict]:
              groups=("optimizer", "weight_decay")),
         dict(name="s2-adam", step=2, optimizer="adam", weight_decay=0.0, init="s1-adam",
              groups=("optimizer",)),
+        # SGD (momentum 0.9) at the trainer's default lr 0.1 and at 0.01, whose steps are about
+        # Adam's size here (lr * |g| * 1/(1 - momentum) ~ 1e-3).
         dict(name="s2-sgd", step=2, optimizer="sgd", weight_decay=0.0, init="s1-adam",
              groups=("optimizer",)),
+        dict(name="s2-sgd-lr0.01", step=2, optimizer="sgd", learning_rate=0.01, weight_decay=0.0,
+             init="s1-adam", groups=("optimizer",)),
         dict(name="s1-sgd", step=1, optimizer="sgd", weight_decay=RECIPE_WD1, groups=("optimizer",)),
+        dict(name="s1-sgd-lr0.01", step=1, optimizer="sgd", learning_rate=0.01,
+             weight_decay=RECIPE_WD1, groups=("optimizer",)),
     ]
     for wd in WD_SWEEP:
         if wd != RECIPE_WD1:
@@ -95,6 +104,7 @@ def summarize(run: dict, records: list[dict]) -> dict:
     C2I, |W| > 1 and the accuracies are the values at the end."""
     return {
         "run": run["name"], "step": run["step"], "optimizer": run["optimizer"],
+        "lr": run.get("learning_rate", DEFAULT_LR[run["optimizer"]]),
         "weight_decay": run["weight_decay"], "init": run.get("init"), "epochs": len(records),
         "best_top1": _last(records, "best_top1"), "final_top1": _last(records, "val_top1"),
         "ff": _mean(records, "ff"), "c2i": _last(records, "c2i"),
@@ -127,7 +137,7 @@ def _fmt(v, kind):
 
 TABLE_COLUMNS = [
     ("run", "run", None), ("step", "step", None), ("optimizer", "optimizer", None),
-    ("weight_decay", "weight decay", "wd"), ("epochs", "epochs", None),
+    ("lr", "lr", "wd"), ("weight_decay", "weight decay", "wd"), ("epochs", "epochs", None),
     ("best_top1", "val top-1 best (%)", "pct"), ("final_top1", "val top-1 final (%)", "pct"),
     ("ff", "FF", "ratio"), ("c2i", "C2I", "ratio"), ("saturation", "saturation", "ratio"),
     ("dead", "dead", "ratio"), ("weak_step_ratio", "weak-grad step ratio", "x"),
@@ -326,6 +336,8 @@ def run_training(run: dict, args, teacher: str, env) -> float:
            "--seed", str(args.seed), "--optimizer", run["optimizer"],
            "--weight_decay", repr(run["weight_decay"]), "--analysis-every", str(args.analysis_every),
            "-j", str(args.workers), "--print-freq", "1000"]
+    if run.get("learning_rate") is not None:
+        cmd += ["--learning_rate", repr(run["learning_rate"])]
     if run.get("init"):
         cmd += ["--init-checkpoint", os.path.join(args.work, "runs", run["init"], "model_best.pth.tar")]
     start = time.perf_counter()
@@ -365,7 +377,8 @@ def report(args, runs, wall: dict | None = None) -> str:
     settings = {"data": "scikit-learn digits (1437 train / 360 val, 32x32)",
                 "epochs (step 1 / step 2)": f"{args.epochs1} / {args.epochs2}",
                 "batch": args.batch_size, "analysis every": f"{args.analysis_every} iterations",
-                "seed": args.seed, "lr": "Adam 1.25e-3, SGD 0.1 (momentum 0.9), linear to 0"}
+                "seed": args.seed, "lr schedule": "linear to 0 (the recipe)",
+                "SGD momentum": 0.9}
     path = write_results(args.out, rows, settings, plots)
     print(results_table(rows))
     print(f"findings: wrote {path}" + (f" and {', '.join(plots)}" if plots else ""))

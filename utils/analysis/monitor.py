@@ -367,7 +367,8 @@ class TrainingMonitor:
             if live is not None:
                 sabs.mul_(live)
             ssum = sabs.sum()
-            moving = torch.ge(sabs, REVIVE_REL * ssum / n_live, out=self._buffer("b0", w, torch.bool))
+            # strictly greater: with lr 0 nothing moves (and nothing is "revived")
+            moving = torch.gt(sabs, REVIVE_REL * ssum / n_live, out=self._buffer("b0", w, torch.bool))
             dead, weak = snap["dead"], snap["weak"]
             masked = self._buffer("f1", w, torch.float32)
             acc["step_abs"] += ssum

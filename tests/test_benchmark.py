@@ -1,0 +1,99 @@
+"""The benchmark's baseline computes what this repository's model computes (so its timings compare
+like with like), and `python -m utils.benchmark` runs end to end. Nothing here checks timings."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import reactnet_a
+from utils import benchmark
+from utils.baseline import BinaryActivation, HardBinaryConv, baseline_reactnet_a
+
+
+@pytest.mark.parametrize("binary_weights", [False, True])
+def test_baseline_same_logits_and_gradients_as_the_model(binary_weights):
+    torch.manual_seed(0)
+    ours = reactnet_a(binary_weights=binary_weights, num_classes=10).double()
+    original = baseline_reactnet_a(binary_weights=binary_weights, num_classes=10).double()
+    assert list(original.state_dict()) == list(ours.state_dict())
+    with torch.no_grad():  # spread the weights so that some |W| > 1 and BN/PReLU are not at init
+        for name, p in ours.named_parameters():
+            p.copy_(torch.randn_like(p) * (0.8 if p.ndim == 4 else 0.3) + (1.0 if "bn" in name else 0.0))
+    original.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for m in (ours, original):
+        m.train()
+    out_ours, out_orig = ours(x), original(x)
+    torch.testing.assert_close(out_ours, out_orig, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out_ours)
+    out_ours.backward(g)
+    out_orig.backward(g)
+    grads = dict(original.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+    for (k, a), b in zip(ours.state_dict().items(), original.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)  # BN running stats
+    ours.eval(), original.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), original(x), rtol=1e-10, atol=1e-10)
+
+
+def test_baseline_binarizers_are_the_original_formulas():
+    x = torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5], requires_grad=True)
+    y = BinaryActivation()(x)
+    y.sum().backward()
+    assert torch.equal(y.detach(), torch.sign(x.detach()))
+    assert torch.allclose(x.grad, torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0]))
+    conv = HardBinaryConv(2, 3, kernel_size=1, padding=0)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.5, -0.5], [0.2, 0.4], [-2.0, 1.0]]).view(3, 2, 1, 1))
+    u = torch.ones(1, 2, 1, 1)
+    out = conv(u)
+    alpha = torch.tensor([1.0, 0.3, 1.5])
+    assert torch.allclose(out.view(-1), alpha * torch.tensor([0.0, 2.0, 0.0]))
+    out.sum().backward()
+    assert torch.equal(conv.weight.grad.view(3, 2), torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0]]))
+
+
+def test_benchmark_cli_runs_end_to_end(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    res = benchmark.main(["--device", "cpu", "--batch-size", "2", "--resolution", "32", "--steps", "2",
+                          "--modes", "baseline,repo,bf16", "--rounds", "2", "--warmup", "0",
+                          "--num-classes", "10", "--no-memory", "--quiet", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline" in out
+    assert f"torch {torch.__version__}" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r.split(" | ")[0] for r in rows] == ["| baseline", "| repo", "| bf16"]
+    saved = json.loads(path.read_text())
+    assert saved["rows"] == json.loads(json.dumps(res["rows"]))
+    for row in saved["rows"]:
+        assert row["step"] == 2 and len(row["ms_all"]) == 2 and row["ms_per_iter"] > 0
+        assert row["images_per_s"] == pytest.approx(2000 / row["ms_per_iter"])
+        assert row["peak_mib"] is None
+    assert saved["rows"][0]["time_ratio"] == 1.0
+
+
+def test_cpu_peak_memory_probe_in_a_fresh_process():
+    args = benchmark.get_parser().parse_args(["--batch-size", "2", "--resolution", "32", "--num-classes", "10",
+                                              "--threads", "1"])
+    res = benchmark.measure_memory_subprocess("repo", 2, args)
+    assert set(res) == {"peak_mib", "resident_before_mib", "gradients_before_mib"}
+    # At least the gradients (29.3M float32 parameters: ~112 MiB) are allocated in the iteration.
+    assert 100 < res["peak_mib"] < 2000 and res["resident_before_mib"] > 100
+
+
+def test_loader_benchmark_runs(capsys):
+    res = benchmark.main(["--loader", "--images", "3", "--image-size", "160x120", "--input-size", "64",
+                          "--loader-reps", "1", "--train-images-per-s", "100"])
+    out = capsys.readouterr().out
+    assert res["images_per_s"] > 0 and "whole pipeline" in out and "workers" in out
+    assert set(res["stages_ms"]) >= {"RandomResizedCrop", "Lighting", "ToTensor", "Normalize"}
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(SystemExit, match="unknown mode"):
+        benchmark.parse_mode("fp16")
+    assert benchmark.parse_mode("bf16+channels_last") == {"bf16", "channels_last"}
+    assert benchmark.parse_mode("repo") == frozenset()
