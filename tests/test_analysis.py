@@ -283,6 +283,15 @@ def test_loss_surface_grid():
         torch.testing.assert_close(v, before[k])
 
 
+def test_surface_stats():
+    x = np.linspace(-1, 1, 7)
+    bowl = np.add.outer(x ** 2, x ** 2)
+    assert landscape.surface_stats(bowl)["local_minima"] == 1
+    assert landscape.surface_stats(np.add.outer(x, x))["roughness"] == pytest.approx(0.0, abs=1e-12)
+    egg = bowl + 0.3 * np.cos(9 * np.add.outer(x, 0 * x)) * np.cos(9 * np.add.outer(0 * x, x))
+    assert landscape.surface_stats(egg)["roughness"] > landscape.surface_stats(bowl)["roughness"]
+
+
 def test_landscape_command_writes_the_grid(tmp_path):
     from tests.tiny import make_image_folder
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=2, val_per_class=1)
@@ -332,6 +341,14 @@ def test_findings_table_from_json_lines(tmp_path):
     assert ("| s1-adam | 1 | adam | 0.00125 | 5e-06 | 2 | 80.00 | 80.00 | 3.00% | 25.00% | 30.00% "
             "| 2.00% |") in table
     assert "| s1-sgd | 1 | sgd | 0.1 | 0 | 1 | n/a | 10.00 | n/a |" in table
+    # a run whose loss became NaN keeps its accuracy, loses its measurements, gets a note
+    nan = float("nan")
+    bad = findings.summarize({"name": "s2-sgd", "step": 2, "optimizer": "sgd", "weight_decay": 0.0},
+                             [{"epoch": 0, "val_top1": 9.7, "best_top1": 9.7, "val_loss": nan,
+                               "train_loss": nan, "ff": 0.5, "c2i": 0.5}])
+    assert bad["ff"] is None and bad["c2i"] is None and bad["final_top1"] == 9.7
+    assert "| n/a | n/a |" in findings.results_table([bad])
+    assert findings.results_table([bad]).endswith("diverged: NaN loss in epoch 1 |")
     path = findings.write_results(str(tmp_path / "out"), [row, sgd], {"seed": 0}, [])
     text = open(path).read()
     assert table in text

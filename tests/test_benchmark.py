@@ -30,8 +30,12 @@ def test_baseline_same_logits_and_gradients_as_the_model(binary_weights):
     out_ours.backward(g)
     out_orig.backward(g)
     grads = dict(original.named_parameters())
+    # At 32x32 the last stages are 1x1: BatchNorm over 2 values makes some gradients pure
+    # cancellation (~1e-10 of the others), so the tolerance is relative to the largest gradient.
+    scale = max(p.grad.abs().max().item() for p in original.parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-11 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     for (k, a), b in zip(ours.state_dict().items(), original.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=k)  # BN running stats
     ours.eval(), original.eval()
@@ -46,11 +50,11 @@ def test_baseline_binarizers_are_the_original_formulas():
     assert torch.equal(y.detach(), torch.sign(x.detach()))
     assert torch.allclose(x.grad, torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0]))
     conv = HardBinaryConv(2, 3, kernel_size=1, padding=0)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([[1.5, -0.5], [0.2, 0.4], [-2.0, 1.0]]).view(3, 2, 1, 1))
+    with torch.no_grad():  # (|W| = 1 exactly avoided: see the module docstring of utils.baseline)
+        conv.weight.copy_(torch.tensor([[1.5, -0.5], [0.2, 0.4], [-2.0, 0.75]]).view(3, 2, 1, 1))
     u = torch.ones(1, 2, 1, 1)
     out = conv(u)
-    alpha = torch.tensor([1.0, 0.3, 1.5])
+    alpha = torch.tensor([1.0, 0.3, 1.375])
     assert torch.allclose(out.view(-1), alpha * torch.tensor([0.0, 2.0, 0.0]))
     out.sum().backward()
     assert torch.equal(conv.weight.grad.view(3, 2), torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0]]))
@@ -59,7 +63,7 @@ def test_baseline_binarizers_are_the_original_formulas():
 def test_benchmark_cli_runs_end_to_end(tmp_path, capsys):
     path = tmp_path / "bench.json"
     res = benchmark.main(["--device", "cpu", "--batch-size", "2", "--resolution", "32", "--steps", "2",
-                          "--modes", "baseline,repo,bf16", "--rounds", "2", "--warmup", "0",
+                          "--modes", "baseline,repo,bf16", "--rounds", "1", "--warmup", "0",
                           "--num-classes", "10", "--no-memory", "--quiet", "--json", str(path)])
     out = capsys.readouterr().out
     assert "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline" in out
@@ -69,7 +73,7 @@ def test_benchmark_cli_runs_end_to_end(tmp_path, capsys):
     saved = json.loads(path.read_text())
     assert saved["rows"] == json.loads(json.dumps(res["rows"]))
     for row in saved["rows"]:
-        assert row["step"] == 2 and len(row["ms_all"]) == 2 and row["ms_per_iter"] > 0
+        assert row["step"] == 2 and len(row["ms_all"]) == 1 and row["ms_per_iter"] > 0
         assert row["images_per_s"] == pytest.approx(2000 / row["ms_per_iter"])
         assert row["peak_mib"] is None
     assert saved["rows"][0]["time_ratio"] == 1.0

@@ -12,6 +12,11 @@ what they compute, the way they compute it, in float32:
 - `LearnableBias` with `expand_as`, a separate `nn.PReLU`, in-place `+=` shortcuts;
 - step 1 uses plain `nn.Conv2d` for the block convolutions.
 
+One difference that only matters at a single point: `torch.clamp`'s gradient at the bounds is 0
+in the PyTorch used here and 1 in the authors' PyTorch 1.7, so at |W| = 1 exactly this baseline
+passes no gradient where the original (and `models.BinaryWeight`) passes it. The code path, and
+so the cost, is the original's.
+
 Module and parameter names equal those of `models.reactnet_a`, so weights copy over with
 `load_state_dict(strict=True)` and both networks compute the same logits and gradients
 (tests/test_benchmark.py checks this in float64). The training code never uses this module.

@@ -107,14 +107,17 @@ def export(out: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0,
     return True
 
 
-def train_teacher(data: str, out: str, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
-                  input_size: int = 32, crop_scale: float = 0.08, seed: int = 0, workers: int = 1,
+def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr: float = 1e-3,
+                  input_size: int = 32, crop_scale: float = 0.3, seed: int = 0, workers: int = 1,
                   results_file: str = None, verbose: bool = True) -> dict:
     """Train a torchvision ResNet-34 (random init, one output per class of `data`/train) with
     labels and save its state_dict to `out`; returns its val metrics (top1, top5, loss, count).
 
     Cross-entropy, Adam (lr decayed linearly over the epochs, epoch e at lr * (1 - e/epochs)),
-    the repository's train and val transforms at `input_size`. The file holds the plain torchvision state_dict, which
+    the repository's train and val transforms at `input_size`, with RandomResizedCrop's smallest
+    area `crop_scale` 0.3 instead of the recipe's 0.08 (the teacher is not part of the recipe:
+    on ImageNet it is torchvision's; with 0.3 it reaches ~98% in 8 epochs on the digits, with
+    0.08 ~95%). The file holds the plain torchvision state_dict, which
     the trainer's --teacher-weights loads into resnet34(num_classes=number of classes).
     `results_file` gets a JSON line (model, weights, epochs, top1, top5, images), as evaluate.py's.
     """
@@ -178,12 +181,12 @@ def main(argv=None):
     p = sub.add_parser("teacher", help="train the ResNet-34 teacher with labels")
     p.add_argument("--data", required=True, help="an exported folder (train/ and val/)")
     p.add_argument("--out", required=True, help="file for the teacher's state_dict")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch_size", "--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--batch_size", "--batch-size", type=int, default=32)
     p.add_argument("--learning_rate", "--lr", type=float, default=1e-3)
     p.add_argument("--input-size", type=int, default=32)
-    p.add_argument("--crop-scale", type=float, default=0.08,
-                   help="smallest area fraction of RandomResizedCrop (the recipe's 0.08)")
+    p.add_argument("--crop-scale", type=float, default=0.3,
+                   help="smallest area fraction of RandomResizedCrop (the students' recipe: 0.08)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--results-file", default=None, help="append a JSON line with the val accuracy")

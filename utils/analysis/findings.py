@@ -85,15 +85,31 @@ def read_log(path: str) -> list[dict]:
 def _mean(records, key):
     """Mean over the epochs that trained (lr > 0: the linear schedule's last epoch has lr 0,
     where nothing moves and FF is 0 by construction)."""
-    values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and r.get("lr", 1) > 0]
+    values = [r[key] for r in records if _finite(r.get(key)) and r.get("lr", 1) > 0]
     return sum(values) / len(values) if values else None
 
 
 def _last(records, key):
     for r in reversed(records):
-        if isinstance(r.get(key), (int, float)):
+        if _finite(r.get(key)):
             return r[key]
     return None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def diverged_epoch(records: list[dict]) -> int | None:
+    """The first epoch whose train or val loss is not finite (the run diverged), or None."""
+    for r in records:
+        if any(k in r and not _finite(r[k]) for k in ("train_loss", "val_loss")):
+            return r.get("epoch")
+    return None
+
+
+MEASUREMENTS = ("ff", "c2i", "saturation", "dead", "weak_step_ratio", "dead_revived",
+                "latent_gt1", "latent_abs_mean")
 
 
 def summarize(run: dict, records: list[dict]) -> dict:
@@ -101,8 +117,9 @@ def summarize(run: dict, records: list[dict]) -> dict:
 
     FF, saturation, dead and the weak-gradient step ratio are averaged over the epochs that
     trained (lr > 0; each epoch's value is already the mean over its measured iterations);
-    C2I, |W| > 1 and the accuracies are the values at the end."""
-    return {
+    C2I, |W| > 1 and the accuracies are the values at the end. A run whose loss became NaN
+    gets its accuracies but no measurements (the weights are NaN), and a note."""
+    row = {
         "run": run["name"], "step": run["step"], "optimizer": run["optimizer"],
         "lr": run.get("learning_rate", DEFAULT_LR[run["optimizer"]]),
         "weight_decay": run["weight_decay"], "init": run.get("init"), "epochs": len(records),
@@ -114,7 +131,14 @@ def summarize(run: dict, records: list[dict]) -> dict:
         "latent_gt1": _last(records, "latent_gt1"),
         "latent_abs_mean": _last(records, "latent_abs_mean"),
         "train_time": sum(r.get("epoch_time", 0.0) for r in records),
+        "note": "",
     }
+    bad = diverged_epoch(records)
+    if bad is not None:
+        for key in MEASUREMENTS:
+            row[key] = None
+        row["note"] = f"diverged: NaN loss in epoch {bad + 1}"
+    return row
 
 
 def _fmt(v, kind):
@@ -141,7 +165,7 @@ TABLE_COLUMNS = [
     ("best_top1", "val top-1 best (%)", "pct"), ("final_top1", "val top-1 final (%)", "pct"),
     ("ff", "FF", "ratio"), ("c2i", "C2I", "ratio"), ("saturation", "saturation", "ratio"),
     ("dead", "dead", "ratio"), ("weak_step_ratio", "weak-grad step ratio", "x"),
-    ("latent_gt1", "|W|>1", "ratio"), ("train_time", "train time (s)", "s"),
+    ("latent_gt1", "|W|>1", "ratio"), ("train_time", "train time (s)", "s"), ("note", "note", None),
 ]
 
 
@@ -213,20 +237,21 @@ def plot_runs(runs: list[dict], logs: dict, path: str, title: str, metrics=PLOT_
     fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 2.5 * nrows), squeeze=False)
     styles = ["-", "--", "-.", ":"]
     for ax, (key, label, log_scale) in zip(axes.flat, metrics):
+        plotted = []
         for i, run in enumerate(runs):
-            recs = [r for r in logs.get(run["name"], []) if isinstance(r.get(key), (int, float))
-                    and (key in _AT_END or r.get("lr", 1) > 0)]
-            if not recs:
-                continue
+            recs = logs.get(run["name"], [])
+            bad = diverged_epoch(recs)
+            recs = [r for r in recs if _finite(r.get(key)) and (key in _AT_END or r.get("lr", 1) > 0)
+                    and (bad is None or key == "val_top1")]
             x = [r["epoch"] + 1 for r in recs]
             y = [r[key] for r in recs]
+            plotted += y
             ax.plot(x, y, styles[(i // 10) % len(styles)], marker="o", markersize=2.5,
-                    linewidth=1.2, label=run["name"])
+                    linewidth=1.2, label=run["name"] + (" (diverged)" if bad is not None else ""))
         ax.set_title(label, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_xlabel("epoch", fontsize=7)
-        if log_scale and all(r.get(key, 1) > 0 for run in runs for r in logs.get(run["name"], [])
-                             if key in r):
+        if log_scale and plotted and min(plotted) > 0:
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
@@ -253,6 +278,8 @@ def plot_layers(runs: list[dict], logs: dict, path: str, title: str) -> bool:
                                  ("saturation per layer", "FF per layer", "dead per layer")):
         for run in runs:
             recs = logs.get(run["name"], [])
+            if diverged_epoch(recs) is not None:
+                continue
             names = [k[len(prefix):] for k in (recs[-1] if recs else {}) if k.startswith(prefix)]
             if not names:
                 continue
@@ -350,7 +377,11 @@ def run_training(run: dict, args, teacher: str, env) -> float:
 def report(args, runs, wall: dict | None = None) -> str:
     logs = {run["name"]: read_log(os.path.join(args.work, "runs", run["name"], "log.jsonl"))
             for run in runs}
-    rows = [summarize(run, logs[run["name"]]) for run in runs if logs[run["name"]]]
+    def order(run):  # step-1 optimizers, step-2 optimizers, then the weight-decay sweep
+        group = (run["step"] - 1) if "optimizer" in run.get("groups", ()) else 2
+        return group, run["weight_decay"] if group == 2 else 0, run["optimizer"] != "adam"
+    rows = [summarize(run, logs[run["name"]]) for run in sorted(runs, key=order)
+            if logs[run["name"]]]
     if wall:
         for row in rows:
             if wall.get(row["run"]):

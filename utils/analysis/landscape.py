@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["filter_normalized_direction", "loss_surface", "load_subset", "plot_surface", "main"]
+__all__ = ["filter_normalized_direction", "loss_surface", "surface_stats", "load_subset",
+           "plot_surface", "main"]
 
 
 def _is_ignored(name: str, p: torch.Tensor) -> bool:
@@ -97,6 +98,24 @@ def loss_surface(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, g
         for n, p in params.items():
             p.copy_(origin[n])
     return {"a": coords, "b": coords.copy(), "loss": loss, "acc": acc}
+
+
+def surface_stats(loss: np.ndarray) -> dict:
+    """Two numbers for "how rugged": the number of strict local minima of the grid (8-neighbour,
+    the border excluded) and the roughness, the mean |discrete Laplacian| divided by the loss
+    range (0 for a plane; larger when the surface wiggles between grid points)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    minima = 0
+    for i in range(1, loss.shape[0] - 1):
+        for j in range(1, loss.shape[1] - 1):
+            around = np.delete(loss[i - 1:i + 2, j - 1:j + 2].reshape(-1), 4)
+            minima += int(loss[i, j] < around.min())
+    if min(loss.shape) < 3:
+        return {"local_minima": minima, "roughness": 0.0}
+    lap = (loss[2:, 1:-1] + loss[:-2, 1:-1] + loss[1:-1, 2:] + loss[1:-1, :-2]
+           - 4 * loss[1:-1, 1:-1])
+    span = float(loss.max() - loss.min())
+    return {"local_minima": minima, "roughness": float(np.abs(lap).mean() / span) if span else 0.0}
 
 
 def load_subset(data: str, split: str, input_size: int, subset: int, seed: int = 0):
@@ -222,13 +241,16 @@ def main(argv=None):
     result = loss_surface(model, images, labels, args.grid, args.span, args.seed, args.batch_size,
                           log=lambda m: print(m, flush=True))
     elapsed = time.perf_counter() - start
+    stats = surface_stats(result["loss"])
     settings = {"checkpoint": os.path.abspath(args.checkpoint), "format": fmt, "step": step,
                 "split": args.split, "subset": len(images), "input_size": input_size,
-                "grid": args.grid, "span": args.span, "seed": args.seed, "seconds": elapsed}
+                "grid": args.grid, "span": args.span, "seed": args.seed, "seconds": elapsed,
+                **stats}
     np.savez(out + ".npz", settings=json.dumps(settings), **result)
     center = result["loss"][args.grid // 2, args.grid // 2] if args.grid % 2 else float("nan")
     print(f"landscape: wrote {out}.npz in {elapsed:.0f} s (loss at the checkpoint {center:.4f}, "
-          f"min {result['loss'].min():.4f}, max {result['loss'].max():.4f})")
+          f"min {result['loss'].min():.4f}, max {result['loss'].max():.4f}; "
+          f"{stats['local_minima']} local minima in the grid, roughness {stats['roughness']:.4f})")
     if not args.no_plot:
         title = f"step {step}: " + ("binary weights + activations" if step == 2 else
                                     "real weights, binary activations")
