@@ -79,7 +79,13 @@ def read_log(path: str) -> list[dict]:
                 if line:
                     rec = json.loads(line)
                     by_epoch[rec.get("epoch", len(by_epoch))] = rec
-    return [by_epoch[e] for e in sorted(by_epoch)]
+    records = [by_epoch[e] for e in sorted(by_epoch)]
+    for r in records:  # the spread of |g| and of |step| (90th over 10th percentile)
+        for key in ("grad_abs", "step_abs"):
+            lo, hi = r.get(f"{key}_p10"), r.get(f"{key}_p90")
+            if _finite(lo) and _finite(hi) and lo > 0:
+                r[f"{key.split('_')[0]}_spread"] = hi / lo
+    return records
 
 
 def _mean(records, key):
@@ -87,6 +93,12 @@ def _mean(records, key):
     where nothing moves and FF is 0 by construction)."""
     values = [r[key] for r in records if _finite(r.get(key)) and r.get("lr", 1) > 0]
     return sum(values) / len(values) if values else None
+
+
+def _gmean(records, key):
+    """Geometric mean over the epochs with lr > 0 (for ratios spanning decades)."""
+    values = [r[key] for r in records if _finite(r.get(key)) and r[key] > 0 and r.get("lr", 1) > 0]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
 def _last(records, key):
@@ -108,15 +120,16 @@ def diverged_epoch(records: list[dict]) -> int | None:
     return None
 
 
-MEASUREMENTS = ("ff", "c2i", "saturation", "dead", "weak_step_ratio", "dead_revived",
-                "latent_gt1", "latent_abs_mean")
+MEASUREMENTS = ("ff", "c2i", "saturation", "dead", "weak", "weak_step_ratio", "dead_revived",
+                "grad_spread", "step_spread", "latent_gt1", "latent_abs_mean")
 
 
 def summarize(run: dict, records: list[dict]) -> dict:
     """One table row: the run's settings, its accuracy and its measurements over training.
 
-    FF, saturation, dead and the weak-gradient step ratio are averaged over the epochs that
-    trained (lr > 0; each epoch's value is already the mean over its measured iterations);
+    FF, saturation, dead, weak and the weak-gradient step ratio are averaged over the epochs
+    that trained (lr > 0; each epoch's value is already the mean over its measured iterations),
+    the p90/p10 spreads of |g| and |step| geometrically;
     C2I, |W| > 1 and the accuracies are the values at the end. A run whose loss became NaN
     gets its accuracies but no measurements (the weights are NaN), and a note."""
     row = {
@@ -126,7 +139,10 @@ def summarize(run: dict, records: list[dict]) -> dict:
         "best_top1": _last(records, "best_top1"), "final_top1": _last(records, "val_top1"),
         "ff": _mean(records, "ff"), "c2i": _last(records, "c2i"),
         "saturation": _mean(records, "saturation"), "dead": _mean(records, "dead"),
+        "weak": _mean(records, "weak"),
         "weak_step_ratio": _mean(records, "weak_step_ratio"),
+        "grad_spread": _gmean(records, "grad_spread"),
+        "step_spread": _gmean(records, "step_spread"),
         "dead_revived": _mean(records, "dead_revived"),
         "latent_gt1": _last(records, "latent_gt1"),
         "latent_abs_mean": _last(records, "latent_abs_mean"),
@@ -153,7 +169,7 @@ def _fmt(v, kind):
     if kind == "x":
         return f"{v:.2f}"
     if kind == "sci":
-        return f"{v:.2e}"
+        return f"{v:.1e}" if v >= 1000 else f"{v:.0f}"
     if kind == "s":
         return f"{v:.0f}"
     return str(v)
@@ -164,8 +180,10 @@ TABLE_COLUMNS = [
     ("lr", "lr", "wd"), ("weight_decay", "weight decay", "wd"), ("epochs", "epochs", None),
     ("best_top1", "val top-1 best (%)", "pct"), ("final_top1", "val top-1 final (%)", "pct"),
     ("ff", "FF", "ratio"), ("c2i", "C2I", "ratio"), ("saturation", "saturation", "ratio"),
-    ("dead", "dead", "ratio"), ("weak_step_ratio", "weak-grad step ratio", "x"),
-    ("latent_gt1", "|W|>1", "ratio"), ("train_time", "train time (s)", "s"), ("note", "note", None),
+    ("dead", "dead", "ratio"), ("weak", "weak", "ratio"),
+    ("weak_step_ratio", "weak-grad step ratio", "x"), ("grad_spread", "\\|g\\| p90/p10", "sci"),
+    ("step_spread", "\\|step\\| p90/p10", "sci"),
+    ("latent_gt1", "\\|W\\|>1", "ratio"), ("train_time", "train time (s)", "s"), ("note", "note", None),
 ]
 
 
@@ -191,10 +209,10 @@ def write_results(out: str, rows: list[dict], settings: dict, plots: list[str]) 
         "",
         results_table(rows),
         "",
-        "FF, saturation, dead and the weak-gradient step ratio are means over the epochs with "
-        "lr > 0 (the linear schedule's last epoch has lr 0) of each epoch's mean over its "
-        "measured iterations; C2I and |W|>1 are at the end of the "
-        "run. C2I is measured against the run's starting weights (step 1: the initialization, "
+        "FF, saturation, dead, weak and the weak-gradient step ratio are means over the epochs "
+        "with lr > 0 (the linear schedule's last epoch has lr 0) of each epoch's mean over its "
+        "measured iterations, the p90/p10 spreads their geometric means; C2I and |W|>1 are at "
+        "the end of the run. C2I is measured against the run's starting weights (step 1: the initialization, "
         "step 2: the step-1 model). Weight statistics leave out the kernel taps that see only "
         "zero padding at 32x32 (see the README).",
     ]
@@ -218,7 +236,9 @@ _AT_END = ("val_top1", "c2i", "latent_abs_mean", "latent_gt1")
 PLOT_METRICS = [("val_top1", "val top-1 (%)", False), ("ff", "FF ratio", True),
                 ("c2i", "C2I ratio", False), ("saturation", "activation saturation", False),
                 ("dead", "dead (zero-gradient) weights", True),
+                ("weak", "weak-gradient weights", False),
                 ("weak_step_ratio", "weak-grad / mean step", False),
+                ("grad_spread", "|g|: p90 / p10", True), ("step_spread", "|step|: p90 / p10", True),
                 ("latent_abs_mean", "mean |W| (latent)", False)]
 
 
@@ -301,8 +321,9 @@ def plot_layers(runs: list[dict], logs: dict, path: str, title: str) -> bool:
 # Running
 # --------------------------------------------------------------------------------------------
 
-def _run(cmd, log_path=None, env=None):
-    """Run a command, its output to the console and to `log_path`; exit on failure."""
+def _run(cmd, log_path=None, env=None, stop_on=None):
+    """Run a command, its output to the console and to `log_path`; exit on failure. A line for
+    which `stop_on(line)` is true ends the command (then no failure)."""
     print("$ " + " ".join(cmd), flush=True)
     out = open(log_path, "a") if log_path else None
     try:
@@ -313,6 +334,10 @@ def _run(cmd, log_path=None, env=None):
                 out.write(line)
             if not line.startswith("Epoch: ["):    # keep the console short
                 print("    " + line, end="", flush=True)
+            if stop_on is not None and stop_on(line):
+                proc.terminate()
+                proc.wait()
+                return
         rc = proc.wait()
     finally:
         if out:
@@ -353,8 +378,12 @@ def run_training(run: dict, args, teacher: str, env) -> float:
     """One run through `python -m utils.train`; returns its wall time (0 if already done)."""
     save = os.path.join(args.work, "runs", run["name"])
     epochs = args.epochs1 if run["step"] == 1 else args.epochs2
-    if len(read_log(os.path.join(save, "log.jsonl"))) >= epochs:
+    done = read_log(os.path.join(save, "log.jsonl"))
+    if len(done) >= epochs:
         print(f"findings: {run['name']}: {epochs} epochs already done in {save}", flush=True)
+        return 0.0
+    if diverged_epoch(done) is not None:
+        print(f"findings: {run['name']} diverged earlier (NaN loss): not run again", flush=True)
         return 0.0
     os.makedirs(save, exist_ok=True)
     cmd = [sys.executable, "-m", "utils.train", "--step", str(run["step"]), "--data", args.data,
@@ -368,7 +397,14 @@ def run_training(run: dict, args, teacher: str, env) -> float:
     if run.get("init"):
         cmd += ["--init-checkpoint", os.path.join(args.work, "runs", run["init"], "model_best.pth.tar")]
     start = time.perf_counter()
-    _run(cmd, os.path.join(args.work, "runs", f"{run['name']}.out"), env=env)
+    # A run whose loss becomes NaN is stopped when the next epoch begins (the NaN epoch's
+    # record and checkpoint are written by then).
+    seen_nan = []
+
+    def diverged(line):
+        seen_nan.extend([True] if "(val loss nan" in line else [])
+        return bool(seen_nan) and line.startswith("=> epoch")
+    _run(cmd, os.path.join(args.work, "runs", f"{run['name']}.out"), env=env, stop_on=diverged)
     elapsed = time.perf_counter() - start
     print(f"findings: {run['name']} took {elapsed:.0f} s", flush=True)
     return elapsed
