@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
-    "approx_sign_grad", "ApproxSign", "BinaryWeight", "SignConv2d", "RPReLUFunction",
+    "approx_sign_grad", "ApproxSign", "BinaryWeight", "SignConv2d",
     "PReLUBiasFunction", "LearnableBias", "BinaryConv2d", "rprelu", "prelu_bias",
 ]
 
@@ -119,27 +119,9 @@ def _add_bias(y, bias):
     return y.add_(bias) if y.dtype == torch.promote_types(y.dtype, bias.dtype) else y + bias
 
 
-class RPReLUFunction(torch.autograd.Function):
-    """RPReLU: prelu(x + bias_in, slope) + bias_out, saving only x + bias_in."""
-
-    @staticmethod
-    def forward(ctx, x, bias_in, slope, bias_out):
-        z = x + bias_in
-        ctx.save_for_backward(z, slope)
-        return _add_bias(_prelu_forward(z, slope), bias_out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, slope = ctx.saved_tensors
-        grad_z, grad_slope = _prelu_backward(grad_out, z, slope)
-        grad_bias_in = grad_z.sum(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        grad_bias_out = grad_out.sum(dim=(0, 2, 3)).view(1, -1, 1, 1)
-        return grad_z, grad_bias_in, grad_slope, grad_bias_out
-
-
 class PReLUBiasFunction(torch.autograd.Function):
-    """prelu(z, slope) + bias_out, saving z: the second half of RPReLU when the caller has
-    already added bias_in (in place, see models.reactnet.BasicBlock)."""
+    """prelu(z, slope) + bias_out, saving only z. RPReLU is prelu(x + bias_in) + bias_out: the caller
+    adds bias_in (`rprelu`, or in place as models.reactnet.BasicBlock does)."""
 
     @staticmethod
     def forward(ctx, z, slope, bias_out):
@@ -154,7 +136,8 @@ class PReLUBiasFunction(torch.autograd.Function):
 
 
 def rprelu(x, bias_in: torch.Tensor, slope: torch.Tensor, bias_out: torch.Tensor) -> torch.Tensor:
-    return RPReLUFunction.apply(x, bias_in, slope, bias_out)
+    """RPReLU: prelu(x + bias_in, slope) + bias_out."""
+    return PReLUBiasFunction.apply(x + bias_in, slope, bias_out)
 
 
 def prelu_bias(z, slope: torch.Tensor, bias_out: torch.Tensor) -> torch.Tensor:

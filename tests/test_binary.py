@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.binary import (ApproxSign, BinaryConv2d, BinaryWeight, LearnableBias, RPReLUFunction,
+from models.binary import (ApproxSign, BinaryConv2d, BinaryWeight, LearnableBias, rprelu,
                            SignConv2d, approx_sign_grad)
 
 EDGES = torch.tensor([-2.0, -1.5, -1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0],
@@ -150,7 +150,7 @@ def test_rprelu_matches_plain_autograd():
     g = torch.randn_like(x)
     ours = [t.clone().requires_grad_() for t in (x, b_in, slope, b_out)]
     ref = [t.clone().requires_grad_() for t in (x, b_in, slope, b_out)]
-    y1 = RPReLUFunction.apply(*ours)
+    y1 = rprelu(*ours)
     y2 = F.prelu(ref[0] + ref[1], ref[2]) + ref[3]  # the original: move12 -> prelu1 -> move13
     y1.backward(g)
     y2.backward(g)
@@ -163,7 +163,7 @@ def test_rprelu_gradcheck():
     torch.manual_seed(0)
     inputs = (torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.randn(1, 3, 1, 1, dtype=torch.float64),
               torch.rand(3, dtype=torch.float64), torch.randn(1, 3, 1, 1, dtype=torch.float64))
-    assert torch.autograd.gradcheck(RPReLUFunction.apply, tuple(t.requires_grad_() for t in inputs))
+    assert torch.autograd.gradcheck(rprelu, tuple(t.requires_grad_() for t in inputs))
 
 
 def test_learnable_bias_starts_at_zero():
