@@ -92,14 +92,17 @@ out = sys.argv[1]
 def last(path):
     with open(path) as f:
         return json.loads(f.read().splitlines()[-1])
+rows = []
 teacher = last(os.path.join(out, "teacher", "results.jsonl"))
-print(f"teacher ResNet-34 ({teacher['epochs']} epochs)      Acc@1 {teacher['top1']:7.3f}")
-for step in (1, 2):
+rows.append((f"teacher ResNet-34, {teacher['epochs']} epochs, labels", teacher["top1"], teacher["top5"]))
+for step, what in ((1, "binary activations"), (2, "binary weights and activations")):
     rec = last(os.path.join(out, f"step{step}", "log.jsonl"))
-    print(f"step {step} ReActNet-A (best of {rec['epoch'] + 1} epochs)  Acc@1 {rec['best_top1']:7.3f}")
+    rows.append((f"step {step} ReActNet-A, {what}: best of {rec['epoch'] + 1} epochs",
+                 rec["best_top1"], None))
 ev = last(os.path.join(out, "evaluate.jsonl"))
-print(f"evaluate.py on step 2's model_best.pth.tar Acc@1 {ev['top1']:7.3f} Acc@5 {ev['top5']:.3f} "
-      f"({ev['images']} images)")
+rows.append(("evaluate.py, step 2 model_best.pth.tar", ev["top1"], ev["top5"]))
+for name, top1, top5 in rows:
+    print(f"{name:<68} Acc@1 {top1:7.3f}" + (f"  Acc@5 {top5:7.3f}" if top5 is not None else ""))
 EOF
 for t in "${TIMES[@]}"; do
     echo "time: ${t% *}: ${t##* } s"

@@ -258,26 +258,39 @@ def run_benchmark(args) -> dict:
                     log(f"[benchmark] step {step} {mode}: peak memory in a fresh process")
                     memory[mode] = measure_memory_subprocess(mode, step, args)
         del runners
-        base_t, base_best = statistics.median(times["baseline"]), min(times["baseline"])
+        base_t = statistics.median(times["baseline"])
         base_c = statistics.median(cpu_times["baseline"])
         base_m = memory.get("baseline", {}).get("peak_mib")
         for mode in modes:
-            med, best = statistics.median(times[mode]), min(times[mode])
+            med = statistics.median(times[mode])
             cpu = statistics.median(cpu_times[mode])
             peak = memory.get(mode, {}).get("peak_mib")
             results["rows"].append({
-                "mode": mode, "step": step, "ms_per_iter": 1000 * med, "best_ms_per_iter": 1000 * best,
+                "mode": mode, "step": step, "ms_per_iter": 1000 * med,
                 "ms_all": [1000 * t for t in times[mode]],
                 "cpu_ms_per_iter": 1000 * cpu, "cpu_ms_all": [1000 * t for t in cpu_times[mode]],
                 "images_per_s": args.batch_size / med, "peak_mib": peak,
                 "resident_before_mib": memory.get(mode, {}).get("resident_before_mib"),
-                "time_ratio": med / base_t, "best_time_ratio": best / base_best,
+                "time_ratio": med / base_t,
                 "paired_time_ratio": statistics.median(t / b for t, b in zip(times[mode], times["baseline"])),
                 "cpu_time_ratio": cpu / base_c,
                 "memory_ratio": (peak / base_m) if peak is not None and base_m else None,
             })
     results["load_average_end"] = load_average()
     return results
+
+
+def load_warning(res: dict) -> str | None:
+    """A warning line when other processes competed for the CPUs during the run."""
+    try:
+        loads = [float(res["load_average_start"].split()[0]), float(res["load_average_end"].split()[0])]
+    except (ValueError, IndexError):
+        return None
+    cpus = res["machine"]["cpus"] or 1
+    if max(loads) > 0.75 * cpus + 1 and res["machine"]["device"] == "cpu":
+        return (f"warning: load average up to {max(loads):.1f} on {cpus} CPUs: other processes competed "
+                f"for the CPUs, so the times are noisy; compare the ratios, and rerun on an idle machine")
+    return None
 
 
 def format_results(res: dict) -> str:
@@ -291,22 +304,28 @@ def format_results(res: dict) -> str:
         f"ResNet-34 teacher (random weights), Adam; median of {res['rounds']} iterations per mode, "
         f"modes in turns, after {res['warmup']} warm-up iteration(s); load average "
         f"{res['load_average_start']} (start), {res['load_average_end']} (end)",
+    ]
+    warning = load_warning(res)
+    if warning:
+        lines.append(warning)
+    lines += [
         "",
         "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline "
-        "| best ms/iter | best vs baseline | CPU ms/iter |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| per-round time ratio | CPU ms/iter |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["rows"]:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
         mem = f"{r['memory_ratio']:.2f}x" if r["memory_ratio"] is not None else "n/a"
         lines.append(f"| {r['mode']} | {r['step']} | {r['ms_per_iter']:.0f} | {r['images_per_s']:.1f} | "
-                     f"{peak} | {r['time_ratio']:.2f}x | {mem} | {r['best_ms_per_iter']:.0f} | "
-                     f"{r['best_time_ratio']:.2f}x | {r['cpu_ms_per_iter']:.0f} |")
+                     f"{peak} | {r['time_ratio']:.2f}x | {mem} | {r['paired_time_ratio']:.2f}x | "
+                     f"{r['cpu_ms_per_iter']:.0f} |")
     lines += [
         "",
         "ms/iter: median wall time of one training iteration (teacher forward, student forward and "
-        "backward, loss, Adam step); images/s from it; time vs baseline: median / baseline's median. "
-        "best: the fastest of the timed iterations (the least disturbed by other load) and its ratio. "
+        "backward, loss, Adam step); images/s from it; time vs baseline: median / baseline's median; "
+        "per-round time ratio: median over the rounds of (this mode's time / the baseline's time in "
+        "the same round), less sensitive to load that changes during the run. "
         "CPU ms/iter: median CPU time of the process (all threads) in an iteration. "
         "peak MiB: the memory the iteration needs above the resident state without gradients "
         "(weights, optimizer state, teacher, batch; gradients count in the iteration: " +

@@ -6,15 +6,17 @@ runs, through the real training entry point (`python -m utils.train`, the progra
 and step2/run.sh launch) with `--analysis-every`, on scikit-learn's digits exported by the demo
 (demo_output/data) and distilling from the demo's ResNet-34 teacher (both made if missing):
 
-  - Adam against SGD in step 1 (from the same initialization), and in step 2 (both from the
-    step-1 Adam model), the other settings those of the recipe;
+  - Adam against SGD (momentum 0.9, at the trainer's default lr 0.1 and at 0.01) in step 1
+    (from the same initialization) and in step 2 (all from the step-1 Adam model), the other
+    settings those of the recipe;
   - a step-1 weight-decay sweep with Adam: 0, 5e-6 (the recipe: the Adam step-1 run), 1e-5,
     5e-5, 1e-4;
 
 then writes OUT/results.md (the table: accuracy, FF, C2I, saturation, dead weights...),
 OUT/results.json and PNG plots of the measurements over training (needs matplotlib, an optional
 extra). Runs live under --work (default demo_output/analysis/); a finished run is not run again,
-an interrupted one resumes. `--report-only` rewrites the table and plots from the logs.
+an interrupted one resumes, a run whose loss turns NaN is stopped after that epoch.
+`--report-only` rewrites the table and plots from the logs.
 """
 from __future__ import annotations
 
