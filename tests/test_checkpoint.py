@@ -216,6 +216,23 @@ def test_save_checkpoint(tmp_path):
         loaded = read_checkpoint(tmp_path / "out" / name)
         assert checkpoint_step(loaded) == 2
         assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    # model_best.pth.tar is the file written for checkpoint.pth.tar (a hard link: not written twice);
+    # a later, not-best save must leave it alone.
+    assert os.path.samefile(tmp_path / "out" / "checkpoint.pth.tar", tmp_path / "out" / "model_best.pth.tar")
+    save_checkpoint({**state, "epoch": 2}, tmp_path / "out", is_best=False)
+    assert read_checkpoint(tmp_path / "out" / "checkpoint.pth.tar")["epoch"] == 2
+    assert read_checkpoint(tmp_path / "out" / "model_best.pth.tar")["epoch"] == 1
+
+
+def test_save_checkpoint_copies_model_best_where_hard_links_fail(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError("Operation not permitted (simulated: a filesystem without hard links)")
+    monkeypatch.setattr(os, "link", no_links)
+    save_checkpoint({"step": 1, "epoch": 1}, tmp_path, is_best=True)
+    save_checkpoint({"step": 1, "epoch": 2}, tmp_path, is_best=False)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
+    assert read_checkpoint(tmp_path / "model_best.pth.tar")["epoch"] == 1
+    assert read_checkpoint(tmp_path / "checkpoint.pth.tar")["epoch"] == 2
 
 
 @pytest.mark.parametrize("bad,where", [

@@ -15,6 +15,7 @@ Layouts (`load_weights` returns the name):
 import os
 import pickle
 import re
+import shutil
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -23,7 +24,7 @@ import torch.nn as nn
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
-    "checkpoint_step", "atomic_save", "save_checkpoint",
+    "checkpoint_step", "atomic_save", "atomic_copy", "save_checkpoint",
 ]
 
 # Prefixes added by wrappers: nn.DataParallel / DDP ('module.'), torch.compile ('_orig_mod.').
@@ -125,16 +126,13 @@ def checkpoint_step(obj) -> int | None:
     return step if step in (1, 2) else None
 
 
-def atomic_save(obj, path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then rename over `path`: a crash or
-    error leaves either the old file or the new one, never a half-written one."""
+def _replace_atomically(path, write) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which is then renamed over `path`: a
+    crash or error leaves either the old file or the new one, never a half-written one."""
     path = os.fspath(path)
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -148,17 +146,43 @@ def atomic_save(obj, path) -> None:
             os.close(fd)
 
 
+def atomic_save(obj, path) -> None:
+    """torch.save to a temporary file beside `path`, fsync, then rename over `path`."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    _replace_atomically(path, write)
+
+
+def atomic_copy(src, dst) -> None:
+    """Make `dst` a copy of `src`, atomically. A hard link where the filesystem allows it: a
+    checkpoint is written once, not twice, and stays safe because `atomic_save` always writes a
+    new file and renames it, never rewriting the old one in place; else a byte copy."""
+    def write(tmp):
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+    _replace_atomically(dst, write)
+
+
 def save_checkpoint(state: dict, save_dir, is_best: bool) -> None:
-    """Write `save_dir/checkpoint.pth.tar`, and `model_best.pth.tar` too when `is_best`, atomically.
+    """Write `save_dir/checkpoint.pth.tar`, and make `model_best.pth.tar` a copy of it when
+    `is_best`, atomically.
 
     `state` must hold only what `torch.load(weights_only=True)` reads back (tensors, dicts, lists,
     tuples, str, int, float, bool, None): checked here, so a bad entry fails now, not on resume.
     """
     _check_plain(state, "state")
     os.makedirs(save_dir, exist_ok=True)
-    atomic_save(state, os.path.join(save_dir, "checkpoint.pth.tar"))
+    path = os.path.join(save_dir, "checkpoint.pth.tar")
+    atomic_save(state, path)
     if is_best:
-        atomic_save(state, os.path.join(save_dir, "model_best.pth.tar"))
+        atomic_copy(path, os.path.join(save_dir, "model_best.pth.tar"))
 
 
 def _check_plain(obj, where: str) -> None:
