@@ -114,9 +114,13 @@ def _prelu_backward(grad_out, z, slope):
     return grad_z, grad_slope.to(slope.dtype)
 
 
-def _add_bias(y, bias):
-    """y + bias, written into y (an output of this Function) when that keeps the dtype."""
-    return y.add_(bias) if y.dtype == torch.promote_types(y.dtype, bias.dtype) else y + bias
+def _iadd(y, other):
+    """y + other, written into y (a fresh intermediate nothing else needs; `other` of y's shape or
+    a per-channel [1, C, 1, 1] bias) when that keeps the dtype of the sum; under autocast a
+    bfloat16 y plus a float32 tensor is float32, and is then computed out of place."""
+    if y.dtype == torch.promote_types(y.dtype, other.dtype):
+        return y.add_(other)
+    return y + other
 
 
 class PReLUBiasFunction(torch.autograd.Function):
@@ -126,7 +130,7 @@ class PReLUBiasFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, slope, bias_out):
         ctx.save_for_backward(z, slope)
-        return _add_bias(_prelu_forward(z, slope), bias_out)
+        return _iadd(_prelu_forward(z, slope), bias_out)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -6,7 +6,7 @@ strictly; step 1 and step 2 differ only in `BinaryConv2d.binary_weights`.
 import torch
 import torch.nn as nn
 
-from .binary import BinaryConv2d, LearnableBias, prelu_bias
+from .binary import BinaryConv2d, LearnableBias, _iadd, prelu_bias
 
 __all__ = ["STAGE_WIDTHS", "FirstConv", "BasicBlock", "ReActNetA", "reactnet_a"]
 
@@ -75,15 +75,6 @@ class BasicBlock(nn.Module):
                               _iadd(self.bn2_2(self.binary_pw_down2(u)), out1)], dim=1)
         out2 = _iadd(out2, self.move22.bias)
         return prelu_bias(out2, self.prelu2.weight, self.move23.bias)
-
-
-def _iadd(y, other):
-    """y + other, written into y (a fresh intermediate of the block, `other` of y's shape or a
-    per-channel [1, C, 1, 1] bias) when that keeps the dtype of the sum; under autocast a
-    bfloat16 y plus a float32 tensor is float32, and is then computed out of place."""
-    if y.dtype == torch.promote_types(y.dtype, other.dtype):
-        return y.add_(other)
-    return y + other
 
 
 class ReActNetA(nn.Module):

@@ -371,15 +371,13 @@ def make_jpegs(folder: str, count: int, width: int, height: int, quality: int = 
 def run_loader_benchmark(args) -> dict:
     """Images/s of the train transform in one process with one torch thread (as in a DataLoader
     worker), and the time of each stage of it."""
-    from PIL import Image
-    from torchvision import transforms
+    from torchvision.datasets.folder import pil_loader  # what ImageFolder decodes with
 
     from . import data
 
     torch.set_num_threads(1)
     width, height = (int(v) for v in args.image_size.lower().split("x"))
     tf = data.train_transform(args.input_size)
-    fast = getattr(data, "draft_loader", None)
     res = {"image_size": [width, height], "images": args.images, "input_size": args.input_size,
            "quality": args.quality, "cpu": cpu_name(), "torch": torch.__version__,
            "stages_ms": {}, "load_average_start": load_average()}
@@ -388,25 +386,21 @@ def run_loader_benchmark(args) -> dict:
         blobs = [open(p, "rb").read() for p in paths]
         res["mean_file_kib"] = sum(map(len, blobs)) / len(blobs) / 1024
 
-        def pil_loader(path):  # torchvision.datasets.folder.pil_loader, what ImageFolder uses
-            with open(path, "rb") as f:
-                img = Image.open(f)
-                return img.convert("RGB")
-
-        def timed(fn, reps):
-            best = []
+        def timed(fn, inputs, reps):
+            """Median over `reps` passes of the seconds per input of `fn` over `inputs`."""
+            runs = []
             for _ in range(reps):
                 t = time.perf_counter()
-                for p in paths:
-                    fn(p)
-                best.append(time.perf_counter() - t)
-            return statistics.median(best) / len(paths)
+                for x in inputs:
+                    fn(x)
+                runs.append(time.perf_counter() - t)
+            return statistics.median(runs) / len(inputs)
 
         torch.manual_seed(0)
         for p in paths[:4]:
             tf(pil_loader(p))  # warm-up
         reps = args.loader_reps
-        full = timed(lambda p: tf(pil_loader(p)), reps)
+        full = timed(lambda p: tf(pil_loader(p)), paths, reps)
         res["images_per_s"] = 1 / full
         # Stage by stage, on the same images.
         decoded = [pil_loader(p) for p in paths]
@@ -415,23 +409,16 @@ def run_loader_benchmark(args) -> dict:
         lit = [lighting(im) for im in crops]
         flipped = [flip(im) for im in lit]
         tensors = [to_tensor(im) for im in flipped]
-        n = len(paths)
         stage = {}
-        stage["decode (PIL open + convert RGB)"] = timed(pil_loader, reps)
+        stage["decode (PIL open + convert RGB)"] = timed(pil_loader, paths, reps)
         for name, fn, inputs in (("RandomResizedCrop", rrc, decoded), ("Lighting", lighting, crops),
                                  ("RandomHorizontalFlip", flip, lit), ("ToTensor", to_tensor, flipped),
                                  ("Normalize", normalize, tensors)):
-            runs = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                for x in inputs:
-                    fn(x)
-                runs.append(time.perf_counter() - t)
-            stage[name] = statistics.median(runs) / n
+            stage[name] = timed(fn, inputs, reps)
         res["stages_ms"] = {k: 1000 * v for k, v in stage.items()}
-        if fast is not None:
-            res["draft_images_per_s"] = 1 / timed(lambda p: tf(fast(p, args.input_size)), reps)
-            res["draft_decode_ms"] = 1000 * timed(lambda p: fast(p, args.input_size), reps)
+        draft = data.draft_loader
+        res["draft_images_per_s"] = 1 / timed(lambda p: tf(draft(p, args.input_size)), paths, reps)
+        res["draft_decode_ms"] = 1000 * timed(lambda p: draft(p, args.input_size), paths, reps)
     res["load_average_end"] = load_average()
     return res
 
@@ -447,10 +434,9 @@ def format_loader(res: dict, train_images_per_s=None) -> str:
         lines.append(f"| {k} | {v:.2f} |")
     lines.append(f"| whole pipeline | {1000 / res['images_per_s']:.2f} |")
     lines += ["", f"images/s per worker: {res['images_per_s']:.1f}"]
-    if "draft_images_per_s" in res:
-        lines.append(f"images/s per worker with the opt-in reduced-size JPEG decode (utils.data."
-                     f"draft_loader): {res['draft_images_per_s']:.1f} (decode {res['draft_decode_ms']:.2f} "
-                     f"ms/image; no gain for images under twice the crop size)")
+    lines.append(f"images/s per worker with the opt-in reduced-size JPEG decode (utils.data."
+                 f"draft_loader): {res['draft_images_per_s']:.1f} (decode {res['draft_decode_ms']:.2f} "
+                 f"ms/image; no gain for images under twice the crop size)")
     lines.append("loader workers needed = training images/s / images/s per worker")
     if train_images_per_s:
         lines.append(f"  at {train_images_per_s:.1f} training images/s: "

@@ -35,7 +35,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # The runs, in the order they are run (most telling first). 'init': the run whose
 # model_best.pth.tar a step-2 run starts from.
 RECIPE_WD1 = 5e-6
-DEFAULT_LR = LEARNING_RATE          # the trainer's defaults by optimizer
 WD_SWEEP = (0.0, 5e-6, 1e-5, 5e-5, 1e-4)
 
 
@@ -136,7 +135,7 @@ def summarize(run: dict, records: list[dict]) -> dict:
     gets its accuracies but no measurements (the weights are NaN), and a note."""
     row = {
         "run": run["name"], "step": run["step"], "optimizer": run["optimizer"],
-        "lr": run.get("learning_rate", DEFAULT_LR[run["optimizer"]]),
+        "lr": run.get("learning_rate", LEARNING_RATE[run["optimizer"]]),  # or the trainer's
         "weight_decay": run["weight_decay"], "init": run.get("init"), "epochs": len(records),
         "best_top1": _last(records, "best_top1"), "final_top1": _last(records, "val_top1"),
         "ff": _mean(records, "ff"), "c2i": _last(records, "c2i"),
@@ -401,11 +400,12 @@ def run_training(run: dict, args, teacher: str, env) -> float:
     start = time.perf_counter()
     # A run whose loss becomes NaN is stopped when the next epoch begins (the NaN epoch's
     # record and checkpoint are written by then).
-    seen_nan = []
+    nan_seen = False
 
     def diverged(line):
-        seen_nan.extend([True] if "(val loss nan" in line else [])
-        return bool(seen_nan) and line.startswith("=> epoch")
+        nonlocal nan_seen
+        nan_seen = nan_seen or "(val loss nan" in line
+        return nan_seen and line.startswith("=> epoch")
     _run(cmd, os.path.join(args.work, "runs", f"{run['name']}.out"), env=env, stop_on=diverged)
     elapsed = time.perf_counter() - start
     print(f"findings: {run['name']} took {elapsed:.0f} s", flush=True)
