@@ -7,6 +7,7 @@ resumed run sees exactly the images an uninterrupted run would have seen.
 """
 import functools
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +25,16 @@ IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
 
 class DataError(ValueError):
     """A data folder that cannot be used; the message says why."""
+
+
+@dataclass
+class Batch:
+    """A batch ready for the model, as the engine receives it from either data backend:
+    normalized float images and class indices on the training device, and the images of the
+    loaded batch that could not be read and were left out, as (path, reason) pairs."""
+    images: torch.Tensor
+    target: torch.Tensor
+    bad: list = field(default_factory=list)
 
 
 class Lighting:
