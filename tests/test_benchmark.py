@@ -101,3 +101,27 @@ def test_unknown_mode_is_refused():
         benchmark.parse_mode("fp16")
     assert benchmark.parse_mode("bf16+channels_last") == {"bf16", "channels_last"}
     assert benchmark.parse_mode("repo") == frozenset()
+
+
+def test_three_adam_iterations_in_float64_match_the_original_training_step():
+    """The whole step (loss included, computed in the logits' float64) agrees with the original's
+    to float64 rounding; a float32 loss would leave ~1e-5 differences."""
+    from utils import recipe
+    from utils.baseline import baseline_train_step
+    from utils.distill import DistributionLoss
+    from utils.engine import train_step
+
+    torch.manual_seed(0)
+    ours = reactnet_a(binary_weights=True, num_classes=10).double()
+    original = baseline_reactnet_a(binary_weights=True, num_classes=10).double()
+    original.load_state_dict(ours.state_dict(), strict=True)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).double()
+    teacher.requires_grad_(False)
+    optimizers = [recipe.build_optimizer(m, "adam", 1.25e-3, 5e-6) for m in (ours, original)]
+    for _ in range(3):
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+        train_step(ours, teacher, x, DistributionLoss(), optimizers[0])
+        baseline_train_step(original, teacher, x, DistributionLoss(), optimizers[1])
+    reference = dict(original.named_parameters())
+    worst = max((p - reference[name]).abs().max().item() for name, p in ours.named_parameters())
+    assert worst < 1e-9, worst
