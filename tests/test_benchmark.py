@@ -131,4 +131,5 @@ def test_end_to_end_benchmark_runs(capsys):
     assert [(r["step"], r["pipeline"]) for r in res["rows"]] == [(2, "model only"), (2, "pil"), (2, "torch")]
     assert all(r["images_per_s"] > 0 for r in res["rows"])
     assert "| 2 | model only |" in out and "1.00x" in out
-    assert res["torch_counts"]["decoded"] == 6 and res["torch_counts"]["bad"] == 0  # 3 iterations of 2
+    counts = res["rows"][2]["counts"]
+    assert counts["decoded"] == 6 and counts["bad"] == 0  # 3 iterations of 2

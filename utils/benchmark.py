@@ -30,7 +30,17 @@ the "before" figure:
 
 `--loader` measures the train transform pipeline (utils.data.train_transform: JPEG decode,
 RandomResizedCrop, Lighting, flip, ToTensor, Normalize) in images/s for one worker, on JPEGs it
-generates. See the README's "Performance" section for measured figures.
+generates.
+
+`--precision-check` compares the student's gradients at initialization (one batch, distillation
+loss against the random-weight teacher) in fp32 (TF32 off), tf32 (CUDA only) and bf16 autocast
+with a float64 reference: the cosine of all gradients concatenated and the smallest per-tensor
+cosine.
+
+`--end-to-end` times the training loop (utils.engine.train_step) fed by each data backend --
+`pil` (utils.data.train_loader, then the transfer) and `torch` (utils.torch_data: decode and
+augmentation on the device) -- beside the same model on one pre-made batch, on generated JPEGs
+or `--data DIR`. See the README's "Performance" section for measured figures.
 """
 import argparse
 import contextlib
@@ -617,10 +627,12 @@ def run_end_to_end(args) -> dict:
                 "torch": (prepare(batch, device).images for batch in _endless(loader)),
             }
             for name, batches in pipelines.items():
-                rate = images_per_s(runner, batches, args.rounds, args.warmup)
-                res["rows"].append({"step": step, "pipeline": name, "images_per_s": rate})
-            res["torch_counts"] = prepare.take_counts()
-            del pil, loader  # stop the workers
+                row = {"step": step, "pipeline": name,
+                       "images_per_s": images_per_s(runner, batches, args.rounds, args.warmup)}
+                if name == "torch":
+                    row["counts"] = prepare.take_counts()
+                res["rows"].append(row)
+            del pipelines, pil, loader  # stop the workers
     res["load_average_end"] = load_average()
     return res
 
@@ -640,8 +652,10 @@ def format_end_to_end(res: dict) -> str:
                      f"{r['images_per_s'] / alone[r['step']]:.2f}x |")
     lines += ["", "model only: the same iterations on one pre-made batch on the device; pil: "
               "utils.data.train_loader (decode and transform in the workers) + transfer; torch: "
-              "utils.torch_data (workers read the bytes; decode and augment on the device). "
-              f"torch backend counts: {res['torch_counts']}"]
+              "utils.torch_data (workers read the bytes; decode and augment on the device; counts "
+              f"{[r['counts'] for r in res['rows'] if 'counts' in r]}). The loader prefetches 4 "
+              "batches per worker during the warm-up: time many more iterations than that, or the "
+              "workers' share does not show."]
     return "\n".join(lines)
 
 
