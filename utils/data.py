@@ -82,12 +82,18 @@ class Lighting:
     def __init__(self, alphastd: float, eigval=IMAGENET_PCA_EIGVAL, eigvec=IMAGENET_PCA_EIGVEC):
         self.alphastd, self.eigval, self.eigvec = alphastd, eigval, eigvec
 
+    def offset(self) -> np.ndarray:
+        """Draw alpha and return the offset added to the pixels (float32, one per channel); zeros,
+        drawing nothing, when alphastd is 0. The torch data backend draws it here too."""
+        if self.alphastd == 0:
+            return np.zeros(3, dtype=np.float32)
+        alpha = torch.randn(3).numpy().astype(np.float32) * np.float32(self.alphastd)
+        return (self.eigvec @ (alpha * self.eigval).reshape(3, 1)).reshape(3)
+
     def __call__(self, img: Image.Image) -> Image.Image:
         if self.alphastd == 0:
             return img
-        alpha = torch.randn(3).numpy().astype(np.float32) * np.float32(self.alphastd)
-        inc = (self.eigvec @ (alpha * self.eigval).reshape(3, 1)).reshape(3)
-        pixels = np.clip(np.asarray(img, dtype=np.uint8) + inc, 0, 255)
+        pixels = np.clip(np.asarray(img, dtype=np.uint8) + self.offset(), 0, 255)
         return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
     def __repr__(self):
@@ -190,10 +196,10 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _loader(dataset, sampler, batch_size, workers, pin_memory):
+def data_loader(dataset, sampler, batch_size, workers, pin_memory, collate_fn=collate):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
-                      prefetch_factor=4 if workers > 0 else None)
+                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
 
 
 def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_memory=False,
@@ -203,9 +209,9 @@ def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_me
     ds = image_folder(root, "train", train_transform(input_size, crop_scale, lighting), loader)
     sampler = SeededDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=seed)
-    return _loader(ds, sampler, batch_size, workers, pin_memory)
+    return data_loader(ds, sampler, batch_size, workers, pin_memory)
 
 
 def val_loader(root, batch_size, workers, world_size=1, rank=0, pin_memory=False, input_size=224):
     ds = image_folder(root, "val", val_transform(input_size))
-    return _loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)
+    return data_loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)

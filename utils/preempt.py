@@ -42,7 +42,8 @@ class StopRequest:
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name
+        """The signal's name; another process's when this one received none (they stop together)."""
+        return signal.Signals(self.signum).name if self() else "a signal to another process"
 
     @property
     def exit_code(self) -> int:

@@ -29,6 +29,8 @@ from .engine import NonFiniteLoss, Progress, evaluate, train_one_epoch
 from .logger import RunLogger, append_line, git_commit
 from .preempt import StopRequest, exit_with_parent
 
+PRECISIONS = ("fp32", "tf32", "bf16")
+
 # A relaunch may change any flag; these it refuses (the saved state belongs to them), and these
 # only at an epoch boundary (they fix the order of the epoch's samples).
 FIXED_FLAGS = ("step", "optimizer")
@@ -45,6 +47,11 @@ class Stopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+    @classmethod
+    def by(cls, stop: StopRequest, where: str, save_dir: str) -> "Stopped":
+        return cls(f"=> stopped by {stop.name} {where}: saved {save_dir}/checkpoint.pth.tar; relaunch "
+                   "the same command to continue", stop.exit_code)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -97,11 +104,21 @@ def get_parser(step: int | None = None) -> argparse.ArgumentParser:
     p.add_argument("--print-freq", type=int, default=10, help="progress line every N iterations")
     p.add_argument("--analysis-every", type=int, default=0,
                    help="measure the paper's quantities (utils/analysis) every N iterations; 0 = off")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="bf16 autocast for student and teacher (loss in float32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: true float32, TF32 off (the recipe's arithmetic, as on the authors' V100s); "
+                        "tf32: float32 with TF32 matmuls and convolutions on CUDA; bf16: bf16 autocast "
+                        "for student and teacher, the loss in float32")
+    p.add_argument("--data-backend", choices=("pil", "torch"), default="pil",
+                   help="pil: decode and augment in the loader workers (the original's transforms); "
+                        "torch: workers read the bytes, this process decodes (nvjpeg on CUDA) and "
+                        "augments batches on its device, the same parameters and pixels")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on with CUDA, off on CPU)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the student (backend: inductor unless given)")
+                   help="torch.compile student and teacher with BACKEND (default: inductor with CUDA, "
+                        "off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="none",
+                   help="do not compile")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode training JPEGs at reduced size (utils.data.draft_loader); changes pixels")
     p.add_argument("--skip-bad-images", type=int, default=0, metavar="N",
@@ -144,6 +161,13 @@ def resolve_args(args) -> argparse.Namespace:
     if not args.learning_rate >= 0:
         raise ConfigError(f"--learning_rate {args.learning_rate} must be positive (the recipe's is "
                           f"{recipe.LEARNING_RATE[args.optimizer]})")
+    cuda = torch.cuda.is_available()
+    if args.channels_last is None:
+        args.channels_last = cuda
+    if args.compile is None:
+        args.compile = "inductor" if cuda else "none"
+    if args.fast_decode and args.data_backend != "pil":
+        raise ConfigError("--fast-decode is a PIL decoding option: it needs --data-backend pil")
     if args.skip_bad_images < 0:
         raise ConfigError("--skip-bad-images must be 0 or more")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -161,6 +185,15 @@ def check_writable(folder: str) -> None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--save {folder}: {existing} is not a folder this user can write to")
+
+
+def set_precision(precision: str):
+    """TF32 on CUDA only for 'tf32' (PyTorch's own default lets cuDNN convolutions use it)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def autocast_dtype(precision: str):
+    return torch.bfloat16 if precision == "bf16" else None
 
 
 def schedule_warnings(args) -> list:
@@ -259,7 +292,9 @@ class Run:
     info: object
     logger: RunLogger
     train_data: object
+    prepare_train: object     # the data backend's batch -> utils.data.Batch on the device
     val_data: object
+    prepare_val: object
     teacher: nn.Module
     student: nn.Module        # unwrapped: what is saved
     model: nn.Module          # what trains: DDP and/or compiled
@@ -278,34 +313,42 @@ class Run:
 
 
 def build_data(args, info, log):
+    """(train loader, its prepare), (val loader, its prepare) of --data-backend."""
     batch = args.batch_size // info.world_size
     workers = args.workers if args.workers is not None else default_workers(info.local_world_size)
-    pin = info.device.type == "cuda"
-    train_dl = train_loader(args.data, batch, workers, info.world_size, info.rank, args.seed, pin,
-                            args.input_size, recipe.COMMON["crop_scale"], recipe.COMMON["lighting"],
-                            args.fast_decode)
-    val_dl = val_loader(args.data, batch, workers, info.world_size, info.rank, pin, args.input_size)
-    classes, val_classes = train_dl.dataset.classes, val_dl.dataset.classes
+    common = dict(world_size=info.world_size, rank=info.rank, pin_memory=info.device.type == "cuda",
+                  input_size=args.input_size)
+    augment = dict(seed=args.seed, crop_scale=recipe.COMMON["crop_scale"], lighting=recipe.COMMON["lighting"])
+    if args.data_backend == "torch":
+        from .torch_data import torch_train_loader, torch_val_loader
+        train = torch_train_loader(args.data, batch, workers, **common, **augment)
+        val = torch_val_loader(args.data, batch, workers, **common)
+    else:
+        train = train_loader(args.data, batch, workers, **common, **augment, fast_decode=args.fast_decode), to_device
+        val = val_loader(args.data, batch, workers, **common), to_device
+    classes, val_classes = train[0].dataset.classes, val[0].dataset.classes
     if val_classes != classes:
         only_train = sorted(set(classes) - set(val_classes))[:5]
         only_val = sorted(set(val_classes) - set(classes))[:5]
         raise DataError(f"train/ and val/ of {args.data} have different class folders ({len(classes)} "
                         f"and {len(val_classes)}): only in train/: {only_train or 'none'}, only in val/: "
                         f"{only_val or 'none'} (the first of each); both need the same <class> folders")
-    log(f"=> data {args.data}: {len(train_dl.dataset)} train, {len(val_dl.dataset)} val images, "
-        f"{len(classes)} classes; {info.world_size} process(es) x batch {batch}, {workers} workers each")
-    return train_dl, val_dl
+    log(f"=> data {args.data}: {len(train[0].dataset)} train, {len(val[0].dataset)} val images, "
+        f"{len(classes)} classes; {info.world_size} process(es) x batch {batch}, {workers} workers each; "
+        f"--data-backend {args.data_backend}")
+    return train, val
 
 
 def setup(args) -> Run:
     """Data, teacher, student, optimizer, resume: the run as the flags and --save describe it."""
     info = init_distributed()
-    if info.world_size > 1:
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: stop with the launcher
         exit_with_parent()
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA pooling backward: warns
     torch.backends.cudnn.benchmark = not args.deterministic
+    set_precision(args.precision)
     logger = RunLogger(args.save, enabled=info.is_main)
     log = logger.log
     if info.is_main:
@@ -313,8 +356,8 @@ def setup(args) -> Run:
             log(f"=> removed {name}, left by a save that was killed")
     for warning in schedule_warnings(args):
         log(f"=> warning: {warning}")
-    train_dl, val_dl = build_data(args, info, log)
-    num_classes = len(train_dl.dataset.classes)
+    train_data, val_data = build_data(args, info, log)
+    num_classes = len(train_data[0].dataset.classes)
     teacher = build_teacher(args.teacher, args.teacher_weights, num_classes, log)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     student = reactnet_a(binary_weights=recipe.STEPS[args.step]["binary_weights"], num_classes=num_classes)
@@ -333,9 +376,11 @@ def setup(args) -> Run:
     optimizer = recipe.build_optimizer(student, args.optimizer, args.learning_rate, args.weight_decay)
     eager = student if info.world_size == 1 else nn.parallel.DistributedDataParallel(
         student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-    compiled = (lambda m: torch.compile(m, backend=args.compile)) if args.compile else (lambda m: m)
-    run = Run(args, info, logger, train_dl, val_dl, teacher, student, compiled(eager), eager,
-              compiled(student), optimizer, recipe.build_scheduler(optimizer, args.epochs),
+    compiled = (lambda m: m) if args.compile == "none" else (lambda m: torch.compile(m, backend=args.compile))
+    log(f"=> --precision {args.precision}, channels_last {'on' if args.channels_last else 'off'}, "
+        f"compile {args.compile}")
+    run = Run(args, info, logger, *train_data, *val_data, compiled(teacher), student, compiled(eager),
+              eager, compiled(student), optimizer, recipe.build_scheduler(optimizer, args.epochs),
               commit=git_commit())
     if resume is not None:
         restore(run, resume)
@@ -432,12 +477,17 @@ def train_epoch(run: Run, epoch: int, stop) -> object:
     run.train_data.sampler.set_epoch(epoch, start=run.progress.iteration * run.train_data.batch_size)
     stats = train_one_epoch(
         run.model, run.teacher, run.train_data, DistributionLoss(), run.optimizer, epoch, run.info.device,
-        prepare=to_device, progress=run.progress, stop=stop, max_skipped=args.skip_bad_images,
-        autocast_dtype=torch.bfloat16 if args.amp == "bf16" else None, channels_last=args.channels_last,
+        prepare=run.prepare_train, progress=run.progress, stop=stop, max_skipped=args.skip_bad_images,
+        autocast_dtype=autocast_dtype(args.precision), channels_last=args.channels_last,
         monitor=run.monitor, eager_model=run.eager_model, print_freq=args.print_freq, log=run.log,
         world_size=run.info.world_size)
     for path, reason in stats.skipped:
         run.log(f"=> skipped unreadable training image {path} ({reason})")
+    if hasattr(run.prepare_train, "take_counts"):
+        counts = run.prepare_train.take_counts()
+        if counts["cpu_decoded"]:
+            run.log(f"=> {counts['cpu_decoded']} of {counts['decoded']} training images were not "
+                    "nvjpeg-decodable (CMYK, grayscale, not JPEG) and were decoded on the CPU")
     return stats
 
 
@@ -445,9 +495,8 @@ def validate(run: Run, epoch: int):
     """Validation after epoch `epoch`; an unreadable image stops the run, the epoch saved first."""
     broadcast_buffers(run.student)  # every rank validates, and the checkpoint holds, rank 0's BN stats
     try:
-        return evaluate(run.eval_model, run.val_data, run.info.device,
-                        autocast_dtype=torch.bfloat16 if run.args.amp == "bf16" else None,
-                        channels_last=run.args.channels_last)
+        return evaluate(run.eval_model, run.val_data, run.info.device, prepare=run.prepare_val,
+                        autocast_dtype=autocast_dtype(run.args.precision), channels_last=run.args.channels_last)
     except DataError as e:
         save(run, epoch + 1)
         raise DataError(f"{e}; epoch {epoch} was trained and saved, not validated: relaunch once "
@@ -494,17 +543,14 @@ def train(args) -> nn.Module:
             tr = train_epoch(run, epoch, stop)
             if tr.stopped_at is not None:
                 save(run, epoch, progress=run.progress)
-                raise Stopped(f"=> stopped by {stop.name} in epoch {epoch} after iteration {tr.stopped_at}: "
-                              f"saved {args.save}/checkpoint.pth.tar; relaunch the same command to continue",
-                              stop.exit_code)
+                raise Stopped.by(stop, f"in epoch {epoch} after iteration {tr.stopped_at}", args.save)
             run.progress = Progress()
             run.scheduler.step()
             va = validate(run, epoch)
             eta = (time.perf_counter() - started) / (epoch + 1 - run.start_epoch) * (args.epochs - epoch - 1)
             end_epoch(run, epoch, lr, tr, va, eta)
             if epoch + 1 < last and stop_requested(stop, run.info.device):
-                raise Stopped(f"=> stopped by {stop.name} after epoch {epoch}: saved {args.save}/"
-                              "checkpoint.pth.tar; relaunch the same command to continue", stop.exit_code)
+                raise Stopped.by(stop, f"after epoch {epoch}", args.save)
     if run.monitor is not None:
         run.monitor.close()
     if last < args.epochs:
