@@ -60,7 +60,8 @@ def step2():
 
 def test_popcount_counts_every_bit():
     rng = random.Random(0)
-    words = [0, -1, -2 ** 63, 2 ** 63 - 1, 1, 0x5555555555555555] + [rng.getrandbits(64) - 2 ** 63 for _ in range(500)]
+    words = [0, -1, -2 ** 63, 2 ** 63 - 1, 1, 0x5555555555555555]
+    words += [rng.getrandbits(64) - 2 ** 63 for _ in range(500)]
     expected = [bin(w % 2 ** 64).count("1") for w in words]
     assert popcount(torch.tensor(words)).tolist() == expected
 
@@ -178,40 +179,44 @@ def packed_file(tmp_path_factory, step2):
     return path
 
 
-class Boom:
+class WritesAFile:
+    """Unpickling it would run os.system: a packed file must never do that."""
+
+    def __init__(self, path):
+        self.path = path
+
     def __reduce__(self):
-        return os.system, ("echo ran > /dev/null",)
-
-
-def bad_files(tmp_path, packed_file, step2):
-    """(file, what its message must say) for each kind of bad input."""
-    data = packed_file.read_bytes()
-    obj = torch.load(packed_file, weights_only=True)
-    files = {"truncated": (data[: len(data) // 2], "corrupt or not a PyTorch checkpoint"),
-             "executes": (pickle.dumps({"format": export.FORMAT, "x": Boom()}, protocol=2), "not a plain weights file")}
-    cases = {"version": ({**obj, "version": 2}, "packed format version 2; this code reads version 1"),
-             "float": (LAYOUTS["this-repo"](step2[0]), "is a float checkpoint (this-repo layout), not a packed"),
-             "wrong dtype": ({**obj, "state_dict": {**obj["state_dict"], "feature.3.binary_pw.weight_bits":
-                                                    obj["state_dict"]["feature.3.binary_pw.weight_bits"].float()}},
-                             "damaged packed file: entries that do not fit: feature.3.binary_pw.weight_bits"),
-             "missing": ({**obj, "state_dict": {k: v for k, v in obj["state_dict"].items() if k != "fc.bias"}},
-                         "entries that do not fit: fc.bias"),
-             "zero index": ({**obj, "state_dict": {**obj["state_dict"], "feature.2.binary_3x3.zero_weights":
-                                                   torch.tensor([[0, 10 ** 6]])}},
-                            "feature.2.binary_3x3.zero_weights (indices out of range)")}
-    for name, (content, message) in cases.items():
-        torch.save(content, tmp_path / name)
-    for name, (content, message) in files.items():
-        (tmp_path / name).write_bytes(content)
-    return {str(tmp_path / name): message for name, (_, message) in {**files, **cases}.items()}
+        return os.system, (f"touch {self.path}",)
 
 
 def test_bad_packed_files_are_refused(tmp_path, packed_file, step2):
-    for path, message in bad_files(tmp_path, packed_file, step2).items():
+    obj = torch.load(packed_file, weights_only=True)
+    state = obj["state_dict"]
+    contents = {  # name: (what torch.save writes, what the message says)
+        "version": ({**obj, "version": 2}, "packed format version 2; this code reads version 1"),
+        "float": (LAYOUTS["this-repo"](step2[0]), "is a float checkpoint (this-repo layout), not a packed"),
+        "dtype": ({**obj, "state_dict": {**state, "feature.3.binary_pw.weight_bits":
+                                         state["feature.3.binary_pw.weight_bits"].float()}},
+                  "damaged packed file: entries that do not fit: feature.3.binary_pw.weight_bits"),
+        "missing": ({**obj, "state_dict": {k: v for k, v in state.items() if k != "fc.bias"}},
+                    "entries that do not fit: fc.bias"),
+        "index": ({**obj, "state_dict": {**state, "feature.2.binary_3x3.zero_weights": torch.tensor([[0, 10 ** 6]])}},
+                  "feature.2.binary_3x3.zero_weights (indices out of range)"),
+    }
+    for name, (content, _) in contents.items():
+        torch.save(content, tmp_path / name)
+    data = packed_file.read_bytes()
+    (tmp_path / "truncated").write_bytes(data[:len(data) // 2])
+    ran = tmp_path / "ran"
+    (tmp_path / "executes").write_bytes(pickle.dumps({"format": export.FORMAT, "x": WritesAFile(ran)}, protocol=2))
+    messages = {**{name: message for name, (_, message) in contents.items()},
+                "truncated": "corrupt or not a PyTorch checkpoint", "executes": "not a plain weights file"}
+    for name, message in messages.items():
+        path = str(tmp_path / name)
         with pytest.raises(CheckpointError) as e:
             load_packed(path)
-        text = str(e.value)
-        assert repr(path) in text and message in text and "\n" not in text, text
+        assert repr(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not ran.exists()
 
 
 def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys):
@@ -229,3 +234,11 @@ def test_cuda_gives_the_cpu_logits(packed_file):
     cpu, cuda = load_packed(packed_file), load_packed(packed_file, device="cuda")
     assert torch.equal(logits(cuda, x.cuda()).argmax(1).cpu(), logits(cpu, x).argmax(1))
     assert max_rel_error(logits(cuda, x.cuda()).cpu(), logits(cpu, x)) < RTOL
+
+
+def test_benchmark_command(capsys):
+    export.main(["--benchmark", "--input-size", "32", "--batch-sizes", "2", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ReActNet-A step 2, 32x32, cpu")
+    assert [line.split()[:3] for line in lines[1:]] == [["float", "batch", "2"], ["packed", "batch", "2"]]
+    assert all(float(line.split()[3]) > 0 for line in lines[1:])

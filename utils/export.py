@@ -20,6 +20,7 @@ A packed file is a dict read with `torch.load(weights_only=True)` (nothing in it
 read): {'format': FORMAT, 'version': VERSION, 'arch': 'reactnet_a', 'num_classes', 'state_dict'}.
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -300,12 +301,11 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
             "float_top1": 100 * correct[0] / count, "packed_top1": 100 * correct[1] / count}
 
 
-def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int) -> list:
-    """Median ms per image of the float step-2 `model` and of its packed form, per batch size."""
-    import copy
+def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int):
+    """Yield (model name, batch size, median ms per image) for the float step-2 `model` and its
+    packed form, per batch size."""
     float_model = model.eval().to(device)
     packed = pack_model(copy.deepcopy(model)).to(device)
-    rows = []
     for batch in batch_sizes:
         x = torch.randn(batch, 3, input_size, input_size, device=device)
         for name, net in (("float", float_model), ("packed", packed)):
@@ -319,8 +319,7 @@ def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: in
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     times.append(time.perf_counter() - start)
-            rows.append((name, batch, 1e3 * sorted(times[1:])[len(times[1:]) // 2] / batch))
-    return rows
+            yield name, batch, 1e3 * sorted(times[1:])[len(times[1:]) // 2] / batch
 
 
 def main(argv=None):
@@ -347,7 +346,7 @@ def main(argv=None):
             print(f"ReActNet-A step 2, {size}x{size}, {args.device}, {torch.get_num_threads()} thread(s), "
                   f"median of {args.rounds}; ms per image")
             for name, batch, ms in benchmark(model, args.batch_sizes, size, device, args.rounds):
-                print(f"{name:<8} batch {batch:>4}  {ms:10.1f} ms/image")
+                print(f"{name:<8} batch {batch:>4}  {ms:10.1f} ms/image", flush=True)
             return
         if not (args.checkpoint and args.out):
             p.error("exporting needs --checkpoint and --out (or pass --benchmark)")
