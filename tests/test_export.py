@@ -139,9 +139,13 @@ def test_export_command(tmp_path, step2, capsys):
     model, x, expected = step2
     ckpt, out = tmp_path / "ckpt.pth.tar", tmp_path / "packed.pt"
     torch.save(LAYOUTS["this-repo"](model), ckpt)
-    export.main(["--checkpoint", str(ckpt), "--out", str(out)])
+    data = make_image_folder(tmp_path / "data", classes=10, train_per_class=0, val_per_class=1)
+    export.main(["--checkpoint", str(ckpt), "--out", str(out), "--verify", data, "--input-size", "32"])
     printed = capsys.readouterr().out
     assert f"packed file      {out}: " in printed and "binary weights: 31 convs" in printed
+    errors = [float(printed.split(what)[1].split()[0].strip(",);")) for what in
+              ("packed vs float32 model ", "float64 model: packed ", ", float32 model ")]
+    assert max(errors) < RTOL and "top-1 differs on 0 image(s)" in printed and f"{data}/val, 10 images at 32x32" in printed
     assert os.path.getsize(out) * 10 < os.path.getsize(ckpt)
     obj = torch.load(out, weights_only=True)
     assert (obj["format"], obj["version"], obj["num_classes"]) == (export.FORMAT, export.VERSION, 10)

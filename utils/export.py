@@ -283,21 +283,28 @@ def _relative_error(actual, expected) -> torch.Tensor:
 
 
 def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64) -> dict:
-    """The float step-2 model of `checkpoint` and the packed model of `packed_file` on data/val:
-    max relative logit error, images whose top-1 class differs, and both accuracies."""
+    """The float step-2 model of `checkpoint` (float32, and float64 as the reference) and the
+    packed model of `packed_file` on data/val: max relative logit errors (packed vs float32,
+    packed vs float64, float32 vs float64), images whose top-1 class differs between packed and
+    float32, and both accuracies."""
     from utils.data import val_loader
     model = load_step2(checkpoint)
+    reference = copy.deepcopy(model).double()
     packed = load_packed(packed_file)
-    worst, differ, correct, count = 0.0, 0, [0, 0], 0
+    worst = {"packed_vs_float32": 0.0, "packed_vs_float64": 0.0, "float32_vs_float64": 0.0}
+    differ, correct, count = 0, [0, 0], 0
     with torch.no_grad():
         for images, target in val_loader(data, batch_size, 0, input_size=input_size):
-            logits, packed_logits = model(images), packed(images)
-            worst = max(worst, _relative_error(packed_logits, logits).max().item())
+            logits, packed_logits, exact = model(images), packed(images), reference(images.double())
+            for key, actual, expected in (("packed_vs_float32", packed_logits, logits),
+                                          ("packed_vs_float64", packed_logits.double(), exact),
+                                          ("float32_vs_float64", logits.double(), exact)):
+                worst[key] = max(worst[key], _relative_error(actual, expected).max().item())
             differ += int((logits.argmax(1) != packed_logits.argmax(1)).sum())
             for i, out in enumerate((logits, packed_logits)):
                 correct[i] += int((out.argmax(1) == target).sum())
             count += len(target)
-    return {"images": count, "max_rel_error": worst, "top1_differ": differ,
+    return {"images": count, **worst, "top1_differ": differ,
             "float_top1": 100 * correct[0] / count, "packed_top1": 100 * correct[1] / count}
 
 
@@ -362,9 +369,10 @@ def main(argv=None):
               f"{100 * bits_bytes / total_bytes:.1f}% of the packed tensors ({_mb(total_bytes)})")
         if args.verify:
             r = verify(args.checkpoint, args.out, args.verify, size)
-            print(f"{args.verify}/val, {r['images']} images at {size}x{size}: max relative logit error "
-                  f"{r['max_rel_error']:.2e}; top-1 differs on {r['top1_differ']} image(s); "
-                  f"Acc@1 float {r['float_top1']:.3f}, packed {r['packed_top1']:.3f}")
+            print(f"{args.verify}/val, {r['images']} images at {size}x{size}: max relative logit error, "
+                  f"packed vs float32 model {r['packed_vs_float32']:.2e} (vs the float64 model: packed "
+                  f"{r['packed_vs_float64']:.2e}, float32 model {r['float32_vs_float64']:.2e}); top-1 differs "
+                  f"on {r['top1_differ']} image(s); Acc@1 float {r['float_top1']:.3f}, packed {r['packed_top1']:.3f}")
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
