@@ -35,7 +35,7 @@ __all__ = ["layer_ops", "count_ops", "summary", "print_summary"]
 
 def _binary(module) -> bool:
     """A conv of binary inputs and binary weights: XNOR-popcount, counted as BOPs."""
-    return isinstance(module, PackedBinaryConv2d) or isinstance(module, BinaryConv2d) and module.binary_weights
+    return isinstance(module, PackedBinaryConv2d) or (isinstance(module, BinaryConv2d) and module.binary_weights)
 
 
 def layer_ops(model: nn.Module, input_size=(1, 3, 224, 224)) -> dict:
