@@ -86,7 +86,7 @@ class PackedBinaryConv2d(nn.Module):
     `zero_weights` int64 [z, 2]: (output channel, bit index in its row) of each weight exactly 0.
     sign(0) = 0 in the float network; such a weight is packed as -1 and its contribution taken
     back exactly. A random float32 initialisation has one or two in ReActNet-A (a uniform draw is
-    exactly 0 with chance 2**-24); trained weights rarely any: the list is usually empty.
+    exactly 0 with chance 2**-24), the demo's trained step-2 network one: the list is short.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, device=None):
