@@ -5,10 +5,13 @@
 #   DATA=/path/to/imagenet bash step2/run.sh [flags]    # e.g. --init-checkpoint my/model_best.pth.tar
 #
 # Writes step2/output/ (or --save): checkpoint.pth.tar, model_best.pth.tar, logs. Relaunching the
-# same command resumes.
+# same command resumes (mid-epoch after SIGTERM/SIGUSR1/SIGINT, which save and exit 75/75/130).
+# `--help` lists the flags.
 #
-# Launches one process per visible GPU (one on a machine without GPUs) with torchrun and DDP.
+# torchrun with one process per visible GPU (one on a machine without GPUs) and DDP (utils/launch.py).
 # Environment: NPROC_PER_NODE (processes on this node), NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT
 # (several nodes: see the README), PYTHON (default: the python on PATH, e.g. the active venv).
 set -euo pipefail
-exec bash "$(dirname "${BASH_SOURCE[0]}")/../utils/torchrun.sh" --step 2 "$@"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # no cd: relative paths keep working
+exec "${PYTHON:-$(command -v python || command -v python3)}" -m utils.launch --step 2 "$@"

@@ -101,3 +101,59 @@ def test_unknown_mode_is_refused():
         benchmark.parse_mode("fp16")
     assert benchmark.parse_mode("bf16+channels_last") == {"bf16", "channels_last"}
     assert benchmark.parse_mode("repo") == frozenset()
+
+
+def test_three_adam_iterations_in_float64_match_the_original_training_step():
+    """The whole step (loss included, computed in the logits' float64) agrees with the original's
+    to float64 rounding; a float32 loss would leave ~1e-5 differences."""
+    from utils import recipe
+    from utils.baseline import baseline_train_step
+    from utils.distill import DistributionLoss
+    from utils.engine import train_step
+
+    torch.manual_seed(0)
+    ours = reactnet_a(binary_weights=True, num_classes=10).double()
+    original = baseline_reactnet_a(binary_weights=True, num_classes=10).double()
+    original.load_state_dict(ours.state_dict(), strict=True)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)).double()
+    teacher.requires_grad_(False)
+    optimizers = [recipe.build_optimizer(m, "adam", 1.25e-3, 5e-6) for m in (ours, original)]
+    for _ in range(3):
+        x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+        train_step(ours, teacher, x, DistributionLoss(), optimizers[0])
+        baseline_train_step(original, teacher, x, DistributionLoss(), optimizers[1])
+    reference = dict(original.named_parameters())
+    worst = max((p - reference[name]).abs().max().item() for name, p in ours.named_parameters())
+    assert worst < 1e-9, worst
+
+
+def test_precision_check_runs_and_fp32_matches_the_float64_reference(capsys):
+    res = benchmark.main(["--precision-check", "--device", "cpu", "--batch-size", "2", "--resolution", "32",
+                          "--steps", "2", "--num-classes", "10"])
+    out = capsys.readouterr().out
+    assert "| 2 | tf32 | n/a on CPU |" in out
+    rows = {r["mode"]: r for r in res["rows"]}
+    assert set(rows) == {"fp32", "tf32", "bf16"} and rows["tf32"]["cosine"] is None
+    assert rows["fp32"]["cosine"] > 0.9999 and rows["fp32"]["min_cosine"] > 0.99
+    assert -1 <= rows["bf16"]["min_cosine"] <= rows["bf16"]["cosine"] <= 1
+
+
+def test_precision_check_compares_with_a_float64_loss():
+    """The reference is float64 through the loss: DistributionLoss keeps float64 logits."""
+    from utils.distill import DistributionLoss
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    loss = DistributionLoss()(x, torch.randn(3, 5, dtype=torch.float64))
+    assert loss.dtype == torch.float64
+    assert DistributionLoss()(x.detach().bfloat16(), x.detach().bfloat16()).dtype == torch.float32
+
+
+def test_end_to_end_benchmark_runs(capsys):
+    res = benchmark.main(["--end-to-end", "--device", "cpu", "--batch-size", "2", "--input-size", "32",
+                          "--images", "6", "--image-size", "80x60", "-j", "1", "--rounds", "2",
+                          "--warmup", "1", "--num-classes", "10", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert [(r["step"], r["pipeline"]) for r in res["rows"]] == [(2, "model only"), (2, "pil"), (2, "torch")]
+    assert all(r["images_per_s"] > 0 for r in res["rows"])
+    assert "| 2 | model only |" in out and "1.00x" in out
+    counts = res["rows"][2]["counts"]
+    assert counts["decoded"] == 6 and counts["bad"] == 0  # 3 iterations of 2

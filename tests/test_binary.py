@@ -1,4 +1,4 @@
-"""The binarizers against ORIGINAL.md's formulas and against the original code's autograd arithmetic."""
+"""The binarizers against the original release's formulas (README, "The original release") and against the original code's autograd arithmetic."""
 import pytest
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ def clamp_as_pytorch_1_7(w):
 
 
 def formula_approx_sign_grad(x):
-    """ORIGINAL.md: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere."""
+    """The original release (README): 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere."""
     return torch.where((x >= -1) & (x < 0), 2 + 2 * x, torch.where((x >= 0) & (x < 1), 2 - 2 * x, 0.0))
 
 

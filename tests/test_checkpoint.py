@@ -143,6 +143,25 @@ def test_truncated_file(tmp_path, zip_format):
         read_checkpoint(path)
 
 
+@pytest.mark.parametrize("size", [0, 7, 5000])
+def test_random_bytes_are_called_corrupt_and_never_advised_unsafe_loading(tmp_path, size):
+    path = tmp_path / "random.pth.tar"
+    path.write_bytes(np.random.default_rng(size).bytes(size))
+    with pytest.raises(CheckpointError) as e:
+        read_checkpoint(path)
+    assert "corrupt" in str(e.value) and str(path) in str(e.value)
+    assert "weights_only=False" not in str(e.value) and "trust" not in str(e.value)
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    from utils.checkpoint import remove_stale_temporaries
+    for name in ("checkpoint.pth.tar.123.tmp", "model_best.pth.tar.9.tmp", "notes.tmp", "checkpoint.pth.tar"):
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_stale_temporaries(tmp_path) == ["checkpoint.pth.tar.123.tmp", "model_best.pth.tar.9.tmp"]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "notes.tmp"]
+    assert remove_stale_temporaries(tmp_path / "absent") == []
+
+
 class Payload:
     """Unpickling this runs a shell command that creates `marker`."""
 

@@ -64,7 +64,7 @@ def test_teacher_writes_a_state_dict_the_trainer_accepts(exported, tmp_path):
     out = tmp_path / "teacher" / "resnet34.pth"
     metrics = digits.train_teacher(str(small), str(out), epochs=1, batch_size=10, workers=0,
                                    verbose=False)
-    assert metrics["count"] == 10 and 0 <= metrics["top1"] <= 100
+    assert metrics.count == 10 and 0 <= metrics.top1 <= 100
     state = torch.load(out, weights_only=True)
     torchvision.models.resnet34(num_classes=10).load_state_dict(state, strict=True)
     from utils.train import build_teacher

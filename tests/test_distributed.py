@@ -60,11 +60,11 @@ def test_validation_counts_each_image_once(ddp_run, tmp_path, capsys):
     # The same checkpoint evaluated by one process, and by two through torchrun.
     single = evaluate.main(["--checkpoint", ckpt, "--data", data, "--input-size", "32", "-j", "0",
                             "--batch_size", "4"])
-    assert single["count"] == 9 and single["top1"] == pytest.approx(last["val_top1"])
+    assert single.count == 9 and single.top1 == pytest.approx(last["val_top1"])
     results = tmp_path / "r.jsonl"
     run([*TORCHRUN, os.path.join(ROOT, "evaluate.py"), "--checkpoint", ckpt, "--data", data,
          "--input-size", "32", "-j", "0", "--batch_size", "4", "--results-file", results],
         OMP_NUM_THREADS="1")
     row = json.loads(results.read_text())
-    assert row["images"] == 9 and row["top1"] == pytest.approx(single["top1"])
-    assert row["top5"] == pytest.approx(single["top5"])
+    assert row["images"] == 9 and row["top1"] == pytest.approx(single.top1)
+    assert row["top5"] == pytest.approx(single.top5)

@@ -26,7 +26,7 @@ def step2():
 
 
 def test_step2_at_224_gives_the_papers_numbers(step2):
-    # ORIGINAL.md: BOPs 4.82e9, FLOPs 0.12e8, OPs 0.87e8, 29.34M parameters.
+    # The original release (README): BOPs 4.82e9, FLOPs 0.12e8, OPs 0.87e8, 29.34M parameters.
     assert count_ops(step2) == {"bops": 4_816_896_000, "flops": 11_862_016, "ops": 87_126_016,
                                 "params": 29_343_592}
     assert stem_macs(224) + FC_MACS == 11_862_016

@@ -106,10 +106,10 @@ def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys)
     out = capsys.readouterr().out
     assert "adambnn-release checkpoint, step 2 (default for released checkpoints)" in out
     record = json.loads(open(root / "s2" / "log.jsonl").readline())
-    assert stats["top1"] == pytest.approx(record["val_top1"]) and stats["count"] == 9
+    assert stats.top1 == pytest.approx(record["val_top1"]) and stats.count == 9
     stats = evaluate.main(["--checkpoint", str(released), "--data", str(root / "data"), "--input-size", "32",
-                           "-j", "0", "--amp", "bf16", "--channels-last"])
-    assert stats["count"] == 9 and 0 <= stats["top1"] <= 100
+                           "-j", "0", "--precision", "bf16", "--channels-last", "--data-backend", "torch"])
+    assert stats.count == 9 and 0 <= stats.top1 <= 100
 
 
 def test_relaunch_after_the_end_does_nothing(pipeline, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The published recipe (ORIGINAL.md): defaults, LR schedule, weight-decay groups, loss, Lighting."""
+"""The published recipe (README, "The original release"): defaults, LR schedule, weight-decay groups, loss, Lighting."""
 import os
 import warnings
 

@@ -30,10 +30,22 @@ the "before" figure:
 
 `--loader` measures the train transform pipeline (utils.data.train_transform: JPEG decode,
 RandomResizedCrop, Lighting, flip, ToTensor, Normalize) in images/s for one worker, on JPEGs it
-generates. See the README's "Performance" section for measured figures.
+generates.
+
+`--precision-check` compares the student's gradients at initialization (one batch, distillation
+loss against the random-weight teacher) in fp32 (TF32 off), tf32 (CUDA only) and bf16 autocast
+with a float64 reference: the cosine of all gradients concatenated and the smallest per-tensor
+cosine.
+
+`--end-to-end` times the training loop (utils.engine.train_step) fed by each data backend --
+`pil` (utils.data.train_loader, then the transfer) and `torch` (utils.torch_data: decode and
+augmentation on the device) -- beside the same model on one pre-made batch, on generated JPEGs
+or `--data DIR`. See the README's "Performance" section for measured figures.
 """
 import argparse
+import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -44,6 +56,8 @@ import tempfile
 import time
 
 import torch
+
+from .data import default_workers
 
 MiB = 2 ** 20
 FEATURES = ("bf16", "channels_last", "compile")
@@ -66,50 +80,74 @@ def parse_mode(mode: str) -> frozenset:
     return parts
 
 
+def build_models(step: int, num_classes: int = 1000):
+    """The student of `step` (ReActNet-A, seed 0) and the teacher (ResNet-34, random weights,
+    seed 1, eval mode, frozen), float32 on the CPU: the same for every mode and benchmark."""
+    import torchvision
+
+    from models import reactnet_a
+
+    from . import recipe
+
+    torch.manual_seed(0)
+    student = reactnet_a(binary_weights=recipe.STEPS[step]["binary_weights"], num_classes=num_classes)
+    torch.manual_seed(1)
+    teacher = torchvision.models.resnet34(weights=None, num_classes=num_classes)
+    teacher.eval().requires_grad_(False)
+    return student, teacher
+
+
+def fixed_images(batch_size: int, resolution: int) -> torch.Tensor:
+    return torch.randn(batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(2))
+
+
 class Runner:
     """Student, teacher, optimizer, loss and one fixed batch for one (mode, step); `iteration()`
-    runs one training iteration and waits for the device."""
+    runs one training iteration on the fixed batch and waits for the device; `train(images)`
+    runs one on other images (not for the baseline)."""
 
     def __init__(self, mode: str, step: int, batch_size: int, resolution: int, device, num_classes=1000):
-        import torchvision
-
-        from models import reactnet_a
-
         from . import recipe
         from .baseline import baseline_reactnet_a, baseline_train_step
         from .distill import DistributionLoss
-        from .engine import train_step
 
         self.mode, self.step, self.device = mode, step, device
         features = parse_mode(mode)
-        binary_weights = recipe.STEPS[step]["binary_weights"]
-        torch.manual_seed(0)
-        student = reactnet_a(binary_weights=binary_weights, num_classes=num_classes)
+        student, teacher = build_models(step, num_classes)
         if "baseline" in features:
-            original = baseline_reactnet_a(binary_weights=binary_weights, num_classes=num_classes)
+            original = baseline_reactnet_a(binary_weights=recipe.STEPS[step]["binary_weights"],
+                                           num_classes=num_classes)
             original.load_state_dict(student.state_dict(), strict=True)
             student = original
-        torch.manual_seed(1)
-        teacher = torchvision.models.resnet34(weights=None, num_classes=num_classes)
-        teacher.eval().requires_grad_(False)
-        gen = torch.Generator().manual_seed(2)
-        images = torch.randn(batch_size, 3, resolution, resolution, generator=gen)
+        images = fixed_images(batch_size, resolution)
 
-        memory_format = torch.channels_last if "channels_last" in features else torch.preserve_format
-        student.to(device, memory_format=memory_format).train()
-        teacher.to(device, memory_format=memory_format)
-        images = images.to(device).contiguous(memory_format=memory_format)
-        optimizer = recipe.build_optimizer(student, "adam", recipe.LEARNING_RATE["adam"],
-                                           recipe.STEPS[step]["weight_decay"])
-        criterion = DistributionLoss()
-        model = torch.compile(student) if "compile" in features else student
-        autocast_dtype = torch.bfloat16 if "bf16" in features else None
+        self.memory_format = torch.channels_last if "channels_last" in features else torch.preserve_format
+        student.to(device, memory_format=self.memory_format).train()
+        teacher.to(device, memory_format=self.memory_format)
+        self.images = images.to(device).contiguous(memory_format=self.memory_format)
+        self.optimizer = recipe.build_optimizer(student, "adam", recipe.LEARNING_RATE["adam"],
+                                                recipe.STEPS[step]["weight_decay"])
+        self.criterion = DistributionLoss()
+        # Both compiled, as utils/train.py does.
+        self.model = torch.compile(student) if "compile" in features else student
+        self.teacher = torch.compile(teacher) if "compile" in features else teacher
+        self.autocast_dtype = torch.bfloat16 if "bf16" in features else None
         if "baseline" in features:
-            self._step = lambda: baseline_train_step(student, teacher, images, criterion, optimizer)
+            self._step = lambda: baseline_train_step(student, teacher, self.images, self.criterion,
+                                                     self.optimizer)
         else:
-            self._step = lambda: train_step(model, teacher, images, criterion, optimizer, autocast_dtype)
+            self._step = lambda: self.train(self.images)
         self.batch_size = batch_size
         self.params = list(student.parameters())
+
+    def train(self, images):
+        """One training iteration (utils.engine.train_step) on `images`, as the training loop
+        runs it: channels_last applied to the batch when the mode has it."""
+        from .engine import train_step
+
+        images = images.to(memory_format=self.memory_format)
+        return train_step(self.model, self.teacher, images, self.criterion, self.optimizer,
+                          self.autocast_dtype)
 
     def iteration(self) -> tuple[float, float]:
         """One iteration; returns its wall time and the process's CPU time (all threads) in seconds."""
@@ -445,6 +483,188 @@ def format_loader(res: dict, train_images_per_s=None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Precision: gradients of each mode against a float64 reference
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """TF32 for CUDA matmuls and cuDNN convolutions on or off, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def student_gradients(student, teacher, images, device, autocast_dtype=None) -> dict:
+    """The student's parameter gradients (float64, CPU) of one distillation loss on `images`,
+    computed as utils.engine.train_step computes them (student in train mode)."""
+    from .distill import DistributionLoss
+    from .engine import autocast
+
+    student, teacher, images = student.to(device).train(), teacher.to(device).eval(), images.to(device)
+    with autocast(device, autocast_dtype):
+        with torch.no_grad():
+            teacher_logits = teacher(images)
+        logits = student(images)
+    DistributionLoss()(logits, teacher_logits).backward()
+    return {name: p.grad.detach().double().cpu() for name, p in student.named_parameters()}
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.flatten() @ b.flatten() / (a.norm() * b.norm()).clamp(min=1e-300)).item()
+
+
+def run_precision_check(args) -> dict:
+    """For each step and precision mode: the cosine of all student gradients (concatenated) to
+    the float64 reference's, and the smallest per-tensor cosine, at initialization, one batch."""
+    import copy
+
+    device = torch.device(args.device)
+    res = {"machine": machine_info(device), "batch_size": args.batch_size,
+           "resolution": args.resolution, "rows": []}
+    for step in args.steps:
+        student, teacher = build_models(step, args.num_classes)
+        images = fixed_images(args.batch_size, args.resolution)
+        reference = student_gradients(copy.deepcopy(student).double(), copy.deepcopy(teacher).double(),
+                                      images.double(), device)
+        for mode in PRECISIONS:
+            row = {"step": step, "mode": mode, "cosine": None, "min_cosine": None, "min_tensor": None}
+            if mode != "tf32" or device.type == "cuda":
+                with tf32(mode == "tf32"):
+                    grads = student_gradients(copy.deepcopy(student), copy.deepcopy(teacher), images,
+                                              device, torch.bfloat16 if mode == "bf16" else None)
+                row["cosine"] = cosine(torch.cat([g.flatten() for g in reference.values()]),
+                                       torch.cat([g.flatten() for g in grads.values()]))
+                per_tensor = {k: cosine(reference[k], grads[k]) for k in reference}
+                row["min_tensor"] = min(per_tensor, key=per_tensor.get)
+                row["min_cosine"] = per_tensor[row["min_tensor"]]
+            res["rows"].append(row)
+    return res
+
+
+def format_precision(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"gradient cosine to a float64 reference at initialization: ReActNet-A student, "
+             f"ResNet-34 teacher (random weights), distillation loss, one batch of "
+             f"{res['batch_size']} at {res['resolution']}x{res['resolution']}; torch {m['torch']}, "
+             f"device {m['device']}: {m.get('gpu', m['cpu'])}", "",
+             "| step | mode | cosine (all gradients) | 1 - cosine | min per-tensor cosine | tensor |",
+             "| --- | --- | ---: | ---: | ---: | --- |"]
+    for r in res["rows"]:
+        if r["cosine"] is None:
+            lines.append(f"| {r['step']} | {r['mode']} | n/a on {m['device'].upper()} | | | |")
+        else:
+            lines.append(f"| {r['step']} | {r['mode']} | {r['cosine']:.6f} | {1 - r['cosine']:.1e} | "
+                         f"{r['min_cosine']:.6f} | {r['min_tensor']} |")
+    lines += ["", "fp32: TF32 off; tf32: TF32 on for CUDA matmuls and convolutions; bf16: autocast "
+              "to bfloat16 (TF32 off)."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the training loop with each data backend
+
+
+def make_image_folder(root: str, images: int, width: int, height: int, quality: int, classes: int = 4) -> str:
+    """root/train/<class>/*.JPEG: `images` generated JPEGs (make_jpegs) over `classes` classes."""
+    for c in range(classes):
+        folder = os.path.join(root, "train", f"class{c}")
+        os.makedirs(folder)
+        make_jpegs(folder, len(range(c, images, classes)), width, height, quality, seed=c)
+    return root
+
+
+def _endless(loader):
+    """The loader's batches, epoch after epoch (set_epoch called as the training loop does)."""
+    for epoch in itertools.count():
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+
+
+def images_per_s(runner: Runner, batches, iterations: int, warmup: int) -> float:
+    """Training images/s over `iterations` iterations on the image batches `batches` yields,
+    after `warmup` untimed ones (which also start the loader's workers)."""
+    for _ in range(warmup):
+        runner.train(next(batches))
+    sync()
+    start, count = time.perf_counter(), 0
+    for _ in range(iterations):
+        images = next(batches)
+        loss, _ = runner.train(images)
+        count += images.size(0)
+    loss.item()
+    sync()
+    return count / (time.perf_counter() - start)
+
+
+def run_end_to_end(args) -> dict:
+    """Images/s of the training loop fed by each data backend, beside the model alone."""
+    from . import data
+    from .torch_data import torch_train_loader
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    mode = "+".join(p for p, on in (("bf16", args.precision == "bf16"), ("channels_last", args.channels_last),
+                                    ("compile", args.compile)) if on) or "repo"
+    width, height = (int(v) for v in args.image_size.lower().split("x"))
+    res = {"machine": machine_info(device), "batch_size": args.batch_size, "input_size": args.input_size,
+           "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+           "workers": args.workers,
+           "iterations": args.rounds, "warmup": args.warmup, "load_average_start": load_average(),
+           "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or make_image_folder(tmp, args.images, width, height, args.quality)
+        res["data"] = args.data or f"{args.images} generated {width}x{height} JPEGs (quality {args.quality})"
+        for step in args.steps:
+            runner = Runner(mode, step, args.batch_size, args.input_size, device, args.num_classes)
+            pil = data.train_loader(root, args.batch_size, args.workers, pin_memory=cuda,
+                                    input_size=args.input_size)
+            loader, prepare = torch_train_loader(root, args.batch_size, args.workers, pin_memory=cuda,
+                                                 input_size=args.input_size)
+            pipelines = {
+                "model only": itertools.repeat(runner.images),
+                "pil": (data.to_device(raw, device).images for raw in _endless(pil)),
+                "torch": (prepare(batch, device).images for batch in _endless(loader)),
+            }
+            for name, batches in pipelines.items():
+                row = {"step": step, "pipeline": name,
+                       "images_per_s": images_per_s(runner, batches, args.rounds, args.warmup)}
+                if name == "torch":
+                    row["counts"] = prepare.take_counts()
+                res["rows"].append(row)
+            del pipelines, pil, loader  # stop the workers
+    res["load_average_end"] = load_average()
+    return res
+
+
+def format_end_to_end(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"end to end: training loop (utils.engine.train_step), batch {res['batch_size']} at "
+             f"{res['input_size']}x{res['input_size']}, {res['precision']}"
+             f"{', channels_last' if res['channels_last'] else ''}{', compile' if res['compile'] else ''}, "
+             f"{res['workers']} loader workers; "
+             f"{res['data']}; {res['iterations']} timed iterations after {res['warmup']} warm-up; "
+             f"torch {m['torch']}, device {m['device']}: {m.get('gpu', m['cpu'])}, {m['cpus']} CPUs; "
+             f"load average {res['load_average_start']} (start), {res['load_average_end']} (end)", "",
+             "| step | pipeline | images/s | vs model only |", "| --- | --- | ---: | ---: |"]
+    alone = {r["step"]: r["images_per_s"] for r in res["rows"] if r["pipeline"] == "model only"}
+    for r in res["rows"]:
+        lines.append(f"| {r['step']} | {r['pipeline']} | {r['images_per_s']:.1f} | "
+                     f"{r['images_per_s'] / alone[r['step']]:.2f}x |")
+    lines += ["", "model only: the same iterations on one pre-made batch on the device; pil: "
+              "utils.data.train_loader (decode and transform in the workers) + transfer; torch: "
+              "utils.torch_data (workers read the bytes; decode and augment on the device; counts "
+              f"{[r['counts'] for r in res['rows'] if 'counts' in r]}). The loader prefetches 4 "
+              "batches per worker during the warm-up: time many more iterations than that, or the "
+              "workers' share does not show."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def get_parser():
@@ -453,12 +673,14 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="default: 16 on CPU, 256 on CUDA")
+                   help="default: 16 on CPU, 256 on CUDA; --precision-check: 8 on CPU, 32 on CUDA")
     p.add_argument("--resolution", type=int, default=None, help="default: 128 on CPU, 224 on CUDA")
-    p.add_argument("--steps", type=int, nargs="+", choices=(1, 2), default=[1, 2])
+    p.add_argument("--steps", type=int, nargs="+", choices=(1, 2), default=None,
+                   help="default: 1 2; --end-to-end: 2")
     p.add_argument("--modes", default=DEFAULT_MODES,
                    help="comma-separated: baseline, repo, or '+'-joined bf16, channels_last, compile")
-    p.add_argument("--compile", action="store_true", help="also measure the mode 'compile'")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure the mode 'compile'; --end-to-end: compile student and teacher")
     p.add_argument("--rounds", type=int, default=5, help="timed iterations per mode (in turns)")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per mode first")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
@@ -468,37 +690,63 @@ def get_parser():
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--loader", action="store_true",
                    help="benchmark the train transform pipeline instead (images/s per worker)")
-    p.add_argument("--images", type=int, default=64, help="--loader: number of generated JPEGs")
-    p.add_argument("--image-size", default="500x375", help="--loader: WxH of the generated JPEGs")
-    p.add_argument("--quality", type=int, default=90, help="--loader: JPEG quality")
-    p.add_argument("--input-size", type=int, default=224, help="--loader: train crop size")
+    p.add_argument("--images", type=int, default=None,
+                   help="--loader, --end-to-end: number of generated JPEGs (default: 64; 4 batches)")
+    p.add_argument("--image-size", default="500x375", help="--loader, --end-to-end: WxH of the generated JPEGs")
+    p.add_argument("--quality", type=int, default=90, help="--loader, --end-to-end: JPEG quality")
+    p.add_argument("--input-size", type=int, default=224,
+                   help="--loader, --end-to-end: train crop size (the model's resolution end to end)")
     p.add_argument("--loader-reps", type=int, default=3, help="--loader: passes over the images (median)")
     p.add_argument("--train-images-per-s", type=float, default=None,
                    help="--loader: training rate to size the workers for")
+    p.add_argument("--precision-check", action="store_true",
+                   help="gradient cosine of fp32, tf32 (CUDA) and bf16 to a float64 reference instead")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="images/s of the training loop fed by each data backend, beside the model alone")
+    p.add_argument("--data", metavar="DIR", help="--end-to-end: an ImageFolder root with train/ "
+                                                 "(default: generated JPEGs)")
+    p.add_argument("-j", "--workers", type=int, default=default_workers(),
+                   help="--end-to-end: loader workers")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="--end-to-end")
+    p.add_argument("--channels-last", action="store_true", help="--end-to-end")
     p.add_argument("--memory-probe", metavar="MODE", help=argparse.SUPPRESS)
     return p
 
 
+def report(res: dict, text: str, json_path=None) -> dict:
+    print(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    args.steps = args.steps or ([2] if args.end_to_end else [1, 2])
     if args.loader:
+        args.images = args.images or 64
         res = run_loader_benchmark(args)
-        print(format_loader(res, args.train_images_per_s))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=1)
-        return res
+        return report(res, format_loader(res, args.train_images_per_s), args.json)
     cuda = args.device.startswith("cuda")
     if args.batch_size is None:
-        args.batch_size = 256 if cuda else 16
+        args.batch_size = (32 if cuda else 8) if args.precision_check else (256 if cuda else 16)
     if args.resolution is None:
         args.resolution = 224 if cuda else 128
-    if args.resolution % 32 or min(args.batch_size, args.resolution, args.rounds) < 1:
-        raise SystemExit("error: --resolution must be a positive multiple of 32; --batch-size and "
-                         "--rounds positive")
+    resolution = args.input_size if args.end_to_end else args.resolution
+    if resolution % 32 or min(args.batch_size, resolution, args.rounds) < 1:
+        raise SystemExit("error: --resolution (--input-size end to end) must be a positive multiple "
+                         "of 32; --batch-size and --rounds positive")
     torch.set_num_threads(args.threads)
     if cuda:
         torch.backends.cudnn.benchmark = True
+    if args.precision_check:
+        res = run_precision_check(args)
+        return report(res, format_precision(res), args.json)
+    if args.end_to_end:
+        args.images = args.images or 4 * args.batch_size
+        res = run_end_to_end(args)
+        return report(res, format_end_to_end(res), args.json)
     if args.memory_probe:  # internal: one CPU peak-memory measurement in this fresh process
         runner = Runner(args.memory_probe, args.steps[0], args.batch_size, args.resolution,
                         torch.device(args.device), args.num_classes)
@@ -507,11 +755,7 @@ def main(argv=None):
     if args.compile and "compile" not in args.modes.split(","):
         args.modes += ",compile"
     res = run_benchmark(args)
-    print(format_results(res))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    return res
+    return report(res, format_results(res), args.json)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ import torch.nn as nn
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
-    "checkpoint_step", "atomic_save", "atomic_copy", "save_checkpoint",
+    "checkpoint_step", "check_finite", "atomic_save", "atomic_copy", "save_checkpoint",
+    "remove_stale_temporaries",
 ]
 
 # Prefixes added by wrappers: nn.DataParallel / DDP ('module.'), torch.compile ('_orig_mod.').
@@ -49,14 +50,16 @@ def read_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if not str(e).startswith("Weights only load failed"):
-            raise CheckpointError(f"{path!r} is corrupt or not a PyTorch checkpoint ({e})") from None
-        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
-        need = f"it would call {found.group(1)}" if found else "it holds more than tensors and plain containers"
+        found = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", str(e))
+        if not found:  # random bytes, a truncated or damaged pickle: nothing trusted would help
+            raise CheckpointError(f"{path!r} is corrupt or not a PyTorch checkpoint (its contents do not "
+                                  "unpickle); an interrupted download or copy leaves such a file: fetch "
+                                  "it again") from None
         raise CheckpointError(
-            f"refused {path!r}: it is not a plain weights file ({need}). It was read with "
-            "torch.load(weights_only=True) and nothing in it was executed. Only if you trust its source: "
-            "torch.save(torch.load(path, weights_only=False)['state_dict'], new_path), then load new_path.") from None
+            f"refused {path!r}: it is not a plain weights file (it would call {found.group(1) or found.group(2)}). "
+            "It was read with torch.load(weights_only=True) and nothing in it was executed. Only if you "
+            "trust its source: torch.save(torch.load(path, weights_only=False)['state_dict'], new_path), "
+            "then load new_path.") from None
     except (RuntimeError, EOFError, KeyError, ValueError) as e:
         raise CheckpointError(
             f"{path!r} is corrupt or not a PyTorch checkpoint ({type(e).__name__}: {e}); "
@@ -126,11 +129,36 @@ def checkpoint_step(obj) -> int | None:
     return step if step in (1, 2) else None
 
 
+def check_finite(state_dict: Mapping, what) -> None:
+    """Raise CheckpointError naming `what` when a floating-point tensor holds NaN or inf (a run
+    that diverged): such weights are never saved, evaluated or trained from."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{what} holds non-finite values (NaN or inf) in {len(bad)} tensors "
+                              f"({_first(bad)}): the training diverged; use an earlier checkpoint")
+
+
+def _temporary(path) -> str:
+    return f"{path}.{os.getpid()}.tmp"
+
+
+def remove_stale_temporaries(folder) -> list:
+    """Delete the temporaries of saves killed midway (`<file>.<pid>.tmp`, up to a checkpoint's size)
+    in `folder`; returns their names. Call only while no save into `folder` is under way."""
+    if not os.path.isdir(folder):
+        return []
+    stale = sorted(f for f in os.listdir(folder) if re.fullmatch(r".+\.pth\.tar\.\d+\.tmp", f))
+    for name in stale:
+        os.remove(os.path.join(folder, name))
+    return stale
+
+
 def _replace_atomically(path, write) -> None:
     """`write(tmp)` fills a temporary file beside `path`, which is then renamed over `path`: a
     crash or error leaves either the old file or the new one, never a half-written one."""
     path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    tmp = _temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)

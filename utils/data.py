@@ -1,17 +1,24 @@
 """ImageFolder datasets, the original transforms (with Lighting), samplers and loaders.
 
+Unreadable images: a file that cannot be read (truncated, corrupt, not an image) does not raise
+inside the loader; its sample comes as `Unreadable(path, reason)` and the batch lists it in
+`Batch.bad`, so that the training loop can name it and apply its policy (stop, or skip up to
+--skip-bad-images N per epoch) and validation can fail only after the epoch is saved.
+
 Randomness: the random transforms of sample i in epoch e draw from the global torch generator
 seeded with (seed, e, i) just before the sample is loaded. The augmentation of every image is
 thereby fixed by the seed alone, whatever the number of loader workers or processes, and a
 resumed run sees exactly the images an uninterrupted run would have seen.
 """
 import functools
+import itertools
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -26,6 +33,46 @@ class DataError(ValueError):
     """A data folder that cannot be used; the message says why."""
 
 
+@dataclass
+class Batch:
+    """A batch ready for the model, as the engine receives it from either data backend:
+    normalized float images and class indices on the training device, and the images of the
+    loaded batch that could not be read and were left out, as (path, reason) pairs."""
+    images: torch.Tensor
+    target: torch.Tensor
+    bad: list = field(default_factory=list)
+
+
+@dataclass
+class Unreadable:
+    """In place of a sample whose file could not be read."""
+    path: str
+    reason: str
+
+
+def to_device(raw, device) -> Batch:
+    """The PIL backend's `prepare`: a collated (images, target[, bad]) batch onto `device`."""
+    images, target, *bad = raw
+    return Batch(images.to(device, non_blocking=True), target.to(device, non_blocking=True),
+                 bad[0] if bad else [])
+
+
+def collate(samples) -> tuple:
+    """default_collate of the readable samples, plus the (path, reason) of the unreadable ones."""
+    good = [s for s in samples if not isinstance(s[0], Unreadable)]
+    bad = [(s[0].path, s[0].reason) for s in samples if isinstance(s[0], Unreadable)]
+    if not good:
+        return torch.empty(0, 3, 1, 1), torch.empty(0, dtype=torch.long), bad
+    return (*default_collate(good), bad)
+
+
+def default_workers(local_world_size: int = 1) -> int:
+    """Loader workers per process: the CPUs this process may run on (its affinity: what SLURM
+    and cgroups leave it, not the machine's count), shared by the processes of the node, <= 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, max(1, cpus // local_world_size))
+
+
 class Lighting:
     """AlexNet PCA colour jitter on a PIL image, exactly as the original: alpha ~ N(0, std) per
     eigenvector, offset = eigvec @ (alpha * eigval) added to every uint8 pixel, clipped to
@@ -35,12 +82,18 @@ class Lighting:
     def __init__(self, alphastd: float, eigval=IMAGENET_PCA_EIGVAL, eigvec=IMAGENET_PCA_EIGVEC):
         self.alphastd, self.eigval, self.eigvec = alphastd, eigval, eigvec
 
+    def offset(self) -> np.ndarray:
+        """Draw alpha and return the offset added to the pixels (float32, one per channel); zeros,
+        drawing nothing, when alphastd is 0. The torch data backend draws it here too."""
+        if self.alphastd == 0:
+            return np.zeros(3, dtype=np.float32)
+        alpha = torch.randn(3).numpy().astype(np.float32) * np.float32(self.alphastd)
+        return (self.eigvec @ (alpha * self.eigval).reshape(3, 1)).reshape(3)
+
     def __call__(self, img: Image.Image) -> Image.Image:
         if self.alphastd == 0:
             return img
-        alpha = torch.randn(3).numpy().astype(np.float32) * np.float32(self.alphastd)
-        inc = (self.eigvec @ (alpha * self.eigval).reshape(3, 1)).reshape(3)
-        pixels = np.clip(np.asarray(img, dtype=np.uint8) + inc, 0, 255)
+        pixels = np.clip(np.asarray(img, dtype=np.uint8) + self.offset(), 0, 255)
         return Image.fromarray(pixels.astype(np.uint8), "RGB")
 
     def __repr__(self):
@@ -87,7 +140,12 @@ class SeededImageFolder(datasets.ImageFolder):
         if isinstance(key, tuple):
             key, seed = key
             torch.default_generator.manual_seed(seed)
-        return super().__getitem__(key)
+        path, target = self.samples[key]
+        try:
+            sample = self.loader(path)
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError... for bad files
+            return Unreadable(path, f"{type(e).__name__}: {e}"), target
+        return self.transform(sample), target
 
 
 def image_folder(root: str, split: str, transform, loader=None) -> SeededImageFolder:
@@ -105,12 +163,23 @@ def image_folder(root: str, split: str, transform, loader=None) -> SeededImageFo
 
 class SeededDistributedSampler(DistributedSampler):
     """DistributedSampler (shuffled with seed + epoch, padded to equal shards) that hands out
-    (index, per-sample seed) pairs, the seed depending on (seed, epoch, index) only."""
+    (index, per-sample seed) pairs, the seed depending on (seed, epoch, index) only.
+    `set_epoch(e, start)` skips the first `start` samples of this process's shard: a mid-epoch
+    resume sees the rest of the very order it was interrupted in."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
 
     def __iter__(self):
         n = len(self.dataset)
-        for i in super().__iter__():
+        for i in itertools.islice(super().__iter__(), self.start, None):
             yield i, ((self.seed * 100_003 + self.epoch) * n + i) % (2 ** 63)
+
+    def __len__(self):
+        return self.num_samples - self.start
 
 
 class ShardSampler(Sampler):
@@ -127,10 +196,10 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _loader(dataset, sampler, batch_size, workers, pin_memory):
+def data_loader(dataset, sampler, batch_size, workers, pin_memory, collate_fn=collate):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
 
 
 def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_memory=False,
@@ -140,9 +209,9 @@ def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_me
     ds = image_folder(root, "train", train_transform(input_size, crop_scale, lighting), loader)
     sampler = SeededDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=seed)
-    return _loader(ds, sampler, batch_size, workers, pin_memory)
+    return data_loader(ds, sampler, batch_size, workers, pin_memory)
 
 
 def val_loader(root, batch_size, workers, world_size=1, rank=0, pin_memory=False, input_size=224):
     ds = image_folder(root, "val", val_transform(input_size))
-    return _loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)
+    return data_loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)

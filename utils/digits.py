@@ -109,7 +109,7 @@ def export(out: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0,
 
 def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr: float = 1e-3,
                   input_size: int = 32, crop_scale: float = 0.3, seed: int = 0, workers: int = 1,
-                  results_file: str = None, verbose: bool = True) -> dict:
+                  results_file: str = None, verbose: bool = True) -> "EvalStats":
     """Train a torchvision ResNet-34 (random init, one output per class of `data`/train) with
     labels and save its state_dict to `out`; returns its val metrics (top1, top5, loss, count).
 
@@ -143,7 +143,7 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
         train.sampler.set_epoch(epoch)
         model.train()
         seen, loss_sum = 0, 0.0
-        for images, target in train:
+        for images, target, _ in train:  # (digits are all readable)
             loss = F.cross_entropy(model(images), target)
             loss.backward()
             optimizer.step()
@@ -153,19 +153,19 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
         metrics = evaluate(model, val, device)
         if verbose:
             print(f"teacher epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.3f}, "
-                  f"val Acc@1 {metrics['top1']:.2f} Acc@5 {metrics['top5']:.2f} "
+                  f"val Acc@1 {metrics.top1:.2f} Acc@5 {metrics.top5:.2f} "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     atomic_save(model.state_dict(), out)
     if results_file:
         row = {"model": "resnet34", "weights": os.path.abspath(out), "epochs": epochs,
-               "top1": metrics["top1"], "top5": metrics["top5"], "images": metrics["count"]}
+               "top1": metrics.top1, "top5": metrics.top5, "images": metrics.count}
         os.makedirs(os.path.dirname(os.path.abspath(results_file)), exist_ok=True)
         with open(results_file, "a") as f:
             f.write(json.dumps(row) + "\n")
     if verbose:
-        print(f"teacher: ResNet-34 * Acc@1 {metrics['top1']:.3f} Acc@5 {metrics['top5']:.3f} "
-              f"on {metrics['count']} val images; weights saved to {out}")
+        print(f"teacher: ResNet-34 * Acc@1 {metrics.top1:.3f} Acc@5 {metrics.top5:.3f} "
+              f"on {metrics.count} val images; weights saved to {out}")
     return metrics
 
 

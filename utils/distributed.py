@@ -69,6 +69,31 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum over all processes, in place; returns the tensor."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """[world_size, *shape]: every process's `tensor`, in rank order."""
+    if not is_dist():
+        return tensor.unsqueeze(0)
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.stack(out)
+
+
+def all_gather_object(obj) -> list:
+    """Every process's `obj`, in rank order."""
+    if not is_dist():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s `obj` on every process."""
     if not is_dist():

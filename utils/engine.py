@@ -1,12 +1,59 @@
-"""The training and evaluation loops, nothing else: the same for both steps."""
+"""The training and evaluation loops, nothing else: the same for both steps.
+
+Both loops take batches from a loader and turn each into a `utils.data.Batch` on the device with
+`prepare(batch, device)` (the data backend's: a copy for PIL, decoding and augmenting for torch).
+The training loop waits for the device only to print a progress line and every `SYNC_EVERY`
+iterations; there the processes agree on whether to stop: a stop signal (preemption), a
+non-finite loss, or more unreadable images than allowed.
+"""
 import contextlib
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .distributed import all_reduce_sum
+from .data import DataError, to_device
+from .distributed import all_reduce_max, all_reduce_sum
 from .logger import AverageMeter, progress_line
+
+SYNC_EVERY = 10  # iterations between the processes' checks (each waits for the device once)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the epoch and iteration."""
+
+
+@dataclass
+class TrainStats:
+    loss: float
+    top1: float
+    top5: float
+    count: int          # images, all processes
+    images_per_s: float
+    time: float         # seconds, this launch's part of the epoch included only
+    stopped_at: int | None = None  # iterations done when a stop signal ended the epoch early
+    skipped: list = field(default_factory=list)  # (path, reason) of unreadable images, this process
+
+
+@dataclass
+class EvalStats:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+
+
+@dataclass
+class Progress:
+    """Where an epoch stands, saved in a mid-epoch checkpoint so that a relaunch continues it:
+    iterations done, and the running sums of the training metrics (loss * n, correct@1,
+    correct@5 on this process; images; seconds)."""
+    iteration: int = 0
+    sums: torch.Tensor | None = None
+    count: int = 0
+    time: float = 0.0
+
 
 
 def autocast(device: torch.device, dtype):
@@ -24,7 +71,7 @@ def train_step(student, teacher, images, criterion, optimizer, autocast_dtype=No
         with torch.no_grad():
             teacher_logits = teacher(images)
         logits = student(images)
-    loss = criterion(logits, teacher_logits)  # float32 whatever the autocast dtype
+    loss = criterion(logits, teacher_logits)  # at least float32 whatever the autocast dtype
     loss.backward()
     if monitor is not None:
         monitor.before_step()
@@ -44,65 +91,121 @@ def correct_topk(logits, target, topk=(1, 5)) -> list:
     return [hit[:, :min(k, maxk)].any(dim=1).sum().float() for k in topk]
 
 
+def _memory_format(channels_last):
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, device, *,
-                    autocast_dtype=None, channels_last=False, monitor=None, print_freq=10,
-                    log=None, world_size=1) -> dict:
-    """Train one epoch; returns loss, top1, top5 (train, over all processes), count, images/s
-    and time. `log(str)` receives the progress line every `print_freq` iterations."""
+                    prepare=to_device, progress=None, stop=None, max_skipped=0,
+                    autocast_dtype=None, channels_last=False, monitor=None, eager_model=None,
+                    print_freq=10, log=None, world_size=1) -> TrainStats:
+    """Train one epoch, or its rest from `progress` (a mid-epoch checkpoint's). Returns the
+    training metrics over all processes; `stopped_at` is set when `stop()` (a signal) ended it
+    early. Raises NonFiniteLoss, and DataError past `max_skipped` unreadable images.
+
+    `eager_model`: `student` uncompiled, run on the iterations the monitor measures (its hooks
+    would make the compiled one recompile)."""
     student.train()
     teacher.eval()
-    num_batches = len(loader)
+    progress = progress or Progress()
+    first = progress.iteration
+    num_batches = first + len(loader)
     batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
-    sums = torch.zeros(3, device=device)  # loss * n, correct@1, correct@5 (no sync per iteration)
-    count = 0
+    # loss * n, correct@1, correct@5 on the device: no synchronization per iteration.
+    sums = progress.sums if progress.sums is not None else torch.zeros(3, device=device)
+    count, skipped = progress.count, []
+    first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
+    fmt = _memory_format(channels_last)
     start = end = time.perf_counter()
-    for i, (images, target) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    i = first - 1
+    for i, raw in enumerate(loader, start=first):
+        batch = prepare(raw, device)
+        skipped += batch.bad
+        images = batch.images.contiguous(memory_format=fmt)
         data_time.update(time.perf_counter() - end)
+        model = student
         if monitor is not None:
             monitor.start_iteration(i)
-        loss, logits = train_step(student, teacher, images, criterion, optimizer,
-                                  autocast_dtype, monitor)
+            if monitor.measuring and eager_model is not None:
+                model = eager_model
+        if images.size(0) == 0:
+            raise DataError(_unreadable_message(batch.bad, max_skipped) + "; every image of a batch")
+        loss, logits = train_step(model, teacher, images, criterion, optimizer, autocast_dtype,
+                                  monitor)
+        first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
+                                      i, first_nonfinite)
         n = images.size(0)
-        batch = torch.stack([loss * n, *correct_topk(logits, target)])
-        sums += batch
+        batch_sums = torch.stack([loss * n, *correct_topk(logits, batch.target)])
+        sums += batch_sums
         count += n
         batch_time.update(time.perf_counter() - end)
-        if log is not None and (i % print_freq == 0 or i == num_batches - 1):
-            b, s = (batch / n).tolist(), (sums / count).tolist()  # synchronizes, at print time only
+        last = i == num_batches - 1
+        printing = log is not None and (i % print_freq == 0 or last)
+        if printing:
+            b, s = (batch_sums / n).tolist(), (sums / count).tolist()  # synchronizes, at print time only
             log(progress_line(
                 epoch, i, num_batches, batch_time, data_time, loss=(b[0], s[0]),
                 top1=(100 * b[1], 100 * s[1]), top5=(100 * b[2], 100 * s[2]),
                 lr=optimizer.param_groups[0]["lr"], images_per_s=n * world_size / batch_time.avg))
         end = time.perf_counter()
-    elapsed = time.perf_counter() - start
-    loss_sum, c1, c5, count = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])])).tolist()
-    count = max(count, 1)
-    return {"loss": loss_sum / count, "top1": 100 * c1 / count, "top5": 100 * c5 / count,
-            "count": int(count), "images_per_s": count / elapsed, "time": elapsed}
+        if printing or (i + 1) % SYNC_EVERY == 0 or last:  # a printed line waited already
+            flags = all_reduce_max(torch.stack([
+                first_nonfinite >= 0, torch.tensor(len(skipped) > max_skipped, device=device),
+                torch.tensor(bool(stop and stop()) and not last, device=device)]).long()).tolist()
+            if flags[0]:
+                where = int(first_nonfinite) if first_nonfinite >= 0 else "?"
+                raise NonFiniteLoss(f"the loss is not finite (NaN or inf) in epoch {epoch}, first at "
+                                    f"iteration {where} of this process (checked at iteration {i}); the "
+                                    "learning rate may be too high")
+            if flags[1]:
+                raise DataError(_unreadable_message(skipped, max_skipped))
+            if flags[2]:
+                break
+    elapsed = progress.time + time.perf_counter() - start
+    stopped_at = i + 1 if i + 1 < num_batches else None
+    if stopped_at is not None:  # the state to save; the metrics are the rest of the epoch's
+        progress.iteration, progress.sums, progress.count, progress.time = stopped_at, sums, count, elapsed
+        return TrainStats(0.0, 0.0, 0.0, count, 0.0, elapsed, stopped_at, skipped)
+    loss_sum, c1, c5, total = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])])).tolist()
+    total = max(total, 1)
+    return TrainStats(loss_sum / total, 100 * c1 / total, 100 * c5 / total, int(total),
+                      total / max(elapsed, 1e-9), elapsed, None, skipped)
+
+
+def _unreadable_message(skipped, max_skipped) -> str:
+    if not skipped:
+        return "another process met unreadable training images (see its message)"
+    path, reason = skipped[-1]
+    limit = f"more than --skip-bad-images {max_skipped} this epoch" if max_skipped else "unreadable"
+    return (f"training image {path} is unreadable ({reason}); {len(skipped)} {limit}: remove or "
+            "replace it (or pass --skip-bad-images N to skip up to N per epoch)")
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, *, autocast_dtype=None, channels_last=False) -> dict:
+def evaluate(model, loader, device, *, prepare=to_device, autocast_dtype=None,
+             channels_last=False) -> EvalStats:
     """Plain cross-entropy loss, top-1 and top-5 (%) over the images of all processes' shards
-    (each image once), and their count."""
+    (each image once), and their count. An unreadable image is never skipped: every process
+    finishes its shard, then all raise DataError (naming this process's files)."""
     model.eval()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss, correct@1, correct@5
-    count = 0
-    for images, target in loader:
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct@1, correct@5, count
+    bad = []
+    fmt = _memory_format(channels_last)
+    for raw in loader:
+        batch = prepare(raw, device)
+        bad += batch.bad
+        if batch.images.size(0) == 0:
+            continue
         with autocast(device, autocast_dtype):
-            logits = model(images)
+            logits = model(batch.images.contiguous(memory_format=fmt))
         logits = logits.float()
-        sums += torch.stack([F.cross_entropy(logits, target, reduction="sum"),
-                             *correct_topk(logits, target)]).double()
-        count += images.size(0)
-    loss, c1, c5, count = all_reduce_sum(torch.cat([sums, sums.new_tensor([count])])).tolist()
+        sums += torch.stack([F.cross_entropy(logits, batch.target, reduction="sum"),
+                             *correct_topk(logits, batch.target),
+                             logits.new_tensor(logits.size(0))]).double()
+    loss, c1, c5, count, num_bad = all_reduce_sum(torch.cat([sums, sums.new_tensor([len(bad)])])).tolist()
+    if num_bad:
+        where = f"{bad[0][0]} ({bad[0][1]})" if bad else "another process's shard (see its message)"
+        raise DataError(f"{int(num_bad)} validation image(s) unreadable, e.g. {where}: validation "
+                        "counts every image, so remove or replace it")
     n = max(count, 1)
-    return {"loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n, "count": int(count)}
+    return EvalStats(loss / n, 100 * c1 / n, 100 * c5 / n, int(count))

@@ -1,21 +1,93 @@
-"""torchrun (`python -m torch.distributed.run`) without the launcher's own traceback when a worker
-stops with an error: the worker has printed its one-line message already.
+"""The launch both steps share: torchrun running `utils.train`, one process per visible GPU (one
+without GPUs). step1/run.sh and step2/run.sh run `python -m utils.launch --step N "$@"`.
 
-    python -m utils.launch [torchrun options] -m utils.train [training flags]
+Environment: NPROC_PER_NODE (processes on this node; default: the GPUs, or 1), NNODES,
+NODE_RANK, MASTER_ADDR, MASTER_PORT (several nodes; without them one node on a free port).
+
+What it adds to torchrun, none of which hides a worker's message or exit code:
+- the exit code is the failing worker's (one killed by a signal: 128 + N, as a shell reports,
+  with a line saying so); torchrun's own traceback is left out, the worker has said why;
+- SIGTERM, SIGUSR1 and SIGINT are passed on to the workers, which save and stop
+  (utils/preempt.py); a second one kills them;
+- `--help` shows the step's flags without starting workers.
 """
 import logging
+import os
+import signal
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import main
+import torch
 
-if __name__ == "__main__":
+
+def children() -> list:
+    """Process ids whose parent is this process (torchrun's workers), from /proc."""
+    me, found = os.getpid(), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                    found.append(int(pid))
+        except (OSError, IndexError, ValueError):
+            pass  # the process ended meanwhile
+    return found
+
+
+def pass_on_stop_signals() -> None:
+    """Workers run in sessions of their own, so that a terminal's Ctrl-C reaches only this
+    process: hand each stop signal on to them (SIGKILL from the second one on)."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        for pid in children():
+            try:
+                os.kill(pid, signum if len(received) == 1 else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, handler)
+    # torchrun would replace these handlers with its own, which kill the workers 30 s later
+    # (its --signals-to-handle, read from PET_SIGNALS_TO_HANDLE).
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+
+
+def torchrun_args(env=os.environ) -> list:
+    nproc = env.get("NPROC_PER_NODE") or str(max(torch.cuda.device_count(), 1))
+    if env.get("NNODES", "1") == "1" and not (env.get("MASTER_ADDR") or env.get("MASTER_PORT")):
+        rendezvous = ["--standalone"]  # a single node on a free local port
+    else:
+        rendezvous = ["--nnodes", env.get("NNODES", "1"), "--node_rank", env.get("NODE_RANK", "0"),
+                      "--master_addr", env.get("MASTER_ADDR", "127.0.0.1"),
+                      "--master_port", env.get("MASTER_PORT", "29500")]
+    return [*rendezvous, "--nproc_per_node", nproc]
+
+
+def main(argv: list) -> int:
+    if "-h" in argv or "--help" in argv:
+        from utils.train import parse_args
+        parse_args(argv)  # prints the step's flags and exits
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    pass_on_stop_signals()
+    launch = torchrun_args()
+    if int(launch[-1]) > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice, without its warning
     try:
-        main()
+        torchrun([*launch, "-m", "utils.train", *argv])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
-        if failure.exitcode != 1:  # 1: a reported error; anything else (a signal...) is news
-            print(f"error: process {rank} exited with code {failure.exitcode}", file=sys.stderr)
         code = failure.exitcode
-        sys.exit(code if 0 < code < 256 else 128 - code if code < 0 else 1)  # -9 -> 137, as bash
+        if code < 0:  # killed by a signal: nothing of its own was said
+            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
+            print(f"error: process {rank} was killed by {name}"
+                  + (" (out of memory?)" if -code == signal.SIGKILL else ""), file=sys.stderr)
+            return 128 - code
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,7 @@
 """Progress line, TensorBoard scalars, JSON lines, and the run's arguments and code version.
 
-Only rank 0 logs: on other ranks `RunLogger` is built with `enabled=False` and does nothing.
+Only rank 0 logs: on other ranks `RunLogger` is built with `enabled=False` and does nothing
+(their errors reach log.txt through `append_line`).
 """
 import datetime
 import json
@@ -9,6 +10,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# log.jsonl key -> TensorBoard tag
+TENSORBOARD_TAGS = {"lr": "train/lr", "train_loss": "train/loss", "train_top1": "train/acc1",
+                    "train_top5": "train/acc5", "images_per_s": "train/images_per_s",
+                    "val_loss": "val/loss", "val_top1": "val/acc1", "val_top5": "val/acc5"}
 
 
 class AverageMeter:
@@ -42,6 +47,12 @@ def progress_line(epoch, i, num_batches, batch_time, data_time, loss, top1, top5
         f"Epoch: [{epoch}][{i:{width}d}/{num_batches}]", str(batch_time), str(data_time),
         _pair("Loss", ":.4e", loss), _pair("Acc@1", ":6.2f", top1), _pair("Acc@5", ":6.2f", top5),
         f"lr {lr:.4e}", f"img/s {images_per_s:7.1f}", f"ETA {eta}"])
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a text file (an error of any process to its run's log.txt)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 def git_commit() -> str:
@@ -91,12 +102,6 @@ class RunLogger:
             with open(os.path.join(self.save_dir, "args.json"), "w") as f:
                 json.dump({**args, **extra, "command": " ".join(sys.argv)}, f, indent=2)
 
-    def scalars(self, prefix: str, values: dict, step: int):
-        if self.writer is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self.writer.add_scalar(f"{prefix}/{k}", v, step)
-
     def truncate_records(self, epochs_done: int):
         """On resume: forget the records of epochs after the checkpoint (a run killed between
         writing an epoch's record and its checkpoint trains that epoch again)."""
@@ -107,12 +112,21 @@ class RunLogger:
             with open(path, "w") as f:
                 f.writelines(lines)
 
-    def epoch_record(self, record: dict):
-        if self.enabled:
-            with open(os.path.join(self.save_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if self.writer is not None:
-                self.writer.flush()
+    def log_epoch(self, line: str, record: dict, analysis: dict):
+        """An epoch's end: `line` to the console and log.txt, `record` and the `analysis` metrics
+        as one JSON line of log.jsonl, and both to TensorBoard (TENSORBOARD_TAGS, analysis/*)."""
+        if not self.enabled:
+            return
+        self.log(line)
+        with open(os.path.join(self.save_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps({**record, **analysis}) + "\n")
+        if self.writer is not None:
+            scalars = {**{TENSORBOARD_TAGS[k]: v for k, v in record.items() if k in TENSORBOARD_TAGS},
+                       **{f"analysis/{k}": v for k, v in analysis.items()}}
+            for tag, value in scalars.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(tag, value, record["epoch"])
+            self.writer.flush()
 
     def close(self):
         if self.writer is not None:

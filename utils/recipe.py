@@ -1,7 +1,8 @@
 """The published AdamBNN recipe (the authors' run scripts), in one table-like place.
 
 The two steps share everything but what is binary, the weight decay and where the weights start.
-Every value here is a command-line default of `utils/train.py`; see ORIGINAL.md for the sources.
+Every value here is a command-line default of `utils/train.py`; the README's "The original
+release" section gives the sources.
 """
 import os
 
@@ -14,6 +15,11 @@ STEPS = {
     1: dict(binary_weights=False, weight_decay=5e-6, save=os.path.join(ROOT, "step1", "output")),
     2: dict(binary_weights=True, weight_decay=0.0, save=os.path.join(ROOT, "step2", "output"),
             init_checkpoint=os.path.join(ROOT, "step1", "output", "model_best.pth.tar")),
+}
+
+STEP_DESCRIPTIONS = {
+    1: "binary activations, real-valued weights, from scratch",
+    2: "binary weights and activations, from step 1's model_best.pth.tar",
 }
 
 COMMON = dict(
@@ -68,3 +74,16 @@ def lr_factor(epochs: int):
 
 def build_scheduler(optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(epochs))
+
+
+def apply_schedule(optimizer, scheduler, lr: float, weight_decay: float, epochs: int) -> None:
+    """Make a restored optimizer and scheduler follow the schedule that `lr`, `weight_decay` and
+    `epochs` define, from the scheduler's current epoch on (a relaunch with changed flags). With
+    the saved values it changes nothing: the rate is computed as LambdaLR computes it."""
+    scheduler.lr_lambdas = [lr_factor(epochs) for _ in optimizer.param_groups]
+    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    optimizer.param_groups[1]["weight_decay"] = weight_decay  # the weights group (parameter_groups)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

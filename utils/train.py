@@ -2,13 +2,16 @@
 
 Launched by step1/run.sh and step2/run.sh under torchrun (one process per GPU, DDP); runs as a
 single process without torchrun too. Relaunching the same command resumes from
-<save>/checkpoint.pth.tar. Defaults are the published recipe (utils/recipe.py).
+<save>/checkpoint.pth.tar, mid-epoch after a preemption. Defaults are the published recipe
+(utils/recipe.py).
 """
 import argparse
 import datetime
 import os
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -16,55 +19,111 @@ import torch.nn as nn
 from models import reactnet_a
 
 from . import recipe
-from .checkpoint import CheckpointError, checkpoint_step, load_weights, read_checkpoint, save_checkpoint
-from .data import DataError, train_loader, val_loader
+from .checkpoint import (CheckpointError, check_finite, checkpoint_step, load_weights, read_checkpoint,
+                         remove_stale_temporaries, save_checkpoint)
+from .data import DataError, default_workers, to_device, train_loader, val_loader
 from .distill import DistributionLoss
-from .distributed import (barrier, broadcast_buffers, broadcast_object, cleanup, get_rank,
-                          init_distributed)
-from .engine import evaluate, train_one_epoch
-from .logger import RunLogger, git_commit
+from .distributed import (all_gather, all_gather_object, all_reduce_max, barrier, broadcast_buffers,
+                          broadcast_object, cleanup, get_rank, init_distributed)
+from .engine import NonFiniteLoss, Progress, evaluate, train_one_epoch
+from .logger import RunLogger, append_line, git_commit
+from .preempt import StopRequest, exit_with_parent
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+# A relaunch may change any flag; these it refuses (the saved state belongs to them), and these
+# only at an epoch boundary (they fix the order of the epoch's samples).
+FIXED_FLAGS = ("step", "optimizer")
+EPOCH_ORDER_FLAGS = ("batch_size", "seed", "world_size", "train_images")
 
 
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--step", type=int, choices=(1, 2), required=True,
-                   help="1: binary activations, real weights; 2: binary weights and activations")
+class ConfigError(ValueError):
+    """A flag that is wrong on every process alike, found before anything is loaded."""
+
+
+class Stopped(Exception):
+    """A stop signal ended the run after saving; `code` is the process's exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+    @classmethod
+    def by(cls, stop: StopRequest, where: str, save_dir: str) -> "Stopped":
+        return cls(f"=> stopped by {stop.name} {where}: saved {save_dir}/checkpoint.pth.tar; relaunch "
+                   "the same command to continue", stop.exit_code)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it has none or its help already says it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def get_parser(step: int | None = None) -> argparse.ArgumentParser:
+    """The flags, with `step`'s defaults when it is known (stepN/run.sh passes it)."""
+    defaults = recipe.STEPS.get(step, {})
+    p = argparse.ArgumentParser(
+        description=f"AdamBNN step {step}: " + recipe.STEP_DESCRIPTIONS[step] if step else __doc__.split("\n")[0],
+        formatter_class=HelpFormatter)
+    p.add_argument("--step", type=int, choices=(1, 2), required=step is None, default=step,
+                   help="1: binary activations, real weights; 2: binary weights and activations"
+                   if step is None else argparse.SUPPRESS)
     # The original's flags, same names and meanings.
     p.add_argument("--data", default=os.environ.get("DATA"),
                    help="ImageFolder root with train/ and val/ (default: $DATA)")
     p.add_argument("--batch_size", type=int, default=recipe.COMMON["batch_size"],
                    help="global batch size, split evenly over the processes")
     p.add_argument("--learning_rate", type=float, default=None,
-                   help=f"default by optimizer: {recipe.LEARNING_RATE}")
+                   help="initial learning rate (default: 1.25e-3 for adam and adamw, 0.1 for sgd)")
     p.add_argument("--epochs", type=int, default=recipe.COMMON["epochs"])
-    p.add_argument("--weight_decay", type=float, default=None,
-                   help="on the 4-dim/'conv' parameter group (default: step 1 5e-6, step 2 0)")
-    p.add_argument("--save", default=None,
-                   help="output folder (default: step1/output or step2/output in the repository)")
+    p.add_argument("--weight_decay", type=float, default=defaults.get("weight_decay"),
+                   help="on the 4-dim/'conv' parameter group" + ("" if step else
+                                                                 " (default: step 1 5e-6, step 2 0)"))
+    p.add_argument("--save", default=defaults.get("save"),
+                   help="output folder" + ("" if step else " (default: step1/output or step2/output)"))
     p.add_argument("--teacher", default=recipe.COMMON["teacher"], help="torchvision model name")
     p.add_argument("-j", "--workers", type=int, default=None,
-                   help="data-loading workers per process (default: min(8, CPUs per process))")
+                   help="data-loading workers per process (default: the CPUs this process may use, "
+                        "shared by the node's processes, at most 8)")
     # Additions.
     p.add_argument("--teacher-weights", default=None,
                    help="teacher state_dict file instead of torchvision's ImageNet weights")
-    p.add_argument("--init-checkpoint", default=None,
-                   help="step 2: step-1 checkpoint to start from (default: step1/output/model_best.pth.tar)")
+    if step != 1:
+        p.add_argument("--init-checkpoint", default=recipe.STEPS[2]["init_checkpoint"] if step else None,
+                       help="step 2: the step-1 checkpoint to start from"
+                            + ("" if step else " (default: step1/output/model_best.pth.tar)"))
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     p.add_argument("--optimizer", choices=("adam", "sgd", "adamw"), default="adam",
                    help="adam (the recipe; coupled L2 decay), sgd (momentum 0.9), adamw (decoupled decay)")
     p.add_argument("--input-size", type=int, default=recipe.COMMON["input_size"],
-                   help="train crop size; validation resizes to size*256/224 and centre-crops")
+                   help="train crop size, a multiple of 32; validation resizes to size*256/224 and centre-crops")
     p.add_argument("--print-freq", type=int, default=10, help="progress line every N iterations")
     p.add_argument("--analysis-every", type=int, default=0,
                    help="measure the paper's quantities (utils/analysis) every N iterations; 0 = off")
-    p.add_argument("--amp", choices=("none", "bf16"), default="none",
-                   help="bf16 autocast for student and teacher (loss in float32)")
-    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32: true float32, TF32 off (the recipe's arithmetic, as on the authors' V100s); "
+                        "tf32: float32 with TF32 matmuls and convolutions on CUDA; bf16: bf16 autocast "
+                        "for student and teacher, the loss in float32")
+    p.add_argument("--data-backend", choices=("pil", "torch"), default="pil",
+                   help="pil: decode and augment in the loader workers (the original's transforms); "
+                        "torch: workers read the bytes, this process decodes (nvjpeg on CUDA) and "
+                        "augments batches on its device, the same parameters and pixels")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on with CUDA, off on CPU)")
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the student (backend: inductor unless given)")
+                   help="torch.compile student and teacher with BACKEND (default: inductor with CUDA, "
+                        "off on CPU)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const="none",
+                   help="do not compile")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode training JPEGs at reduced size (utils.data.draft_loader); changes pixels")
+    p.add_argument("--skip-bad-images", type=int, default=0, metavar="N",
+                   help="skip up to N unreadable training images per epoch, each named in the log "
+                        "(0: stop at the first)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms where they exist (and no cuDNN autotuning)")
     p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
@@ -72,21 +131,80 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_args(args):
-    """Fill the defaults that depend on the step and the optimizer; check the flags."""
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse with the defaults of the step that `--step` names."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--step", type=int, choices=(1, 2))
+    step = pre.parse_known_args(argv)[0].step
+    return get_parser(step).parse_args(argv)
+
+
+def resolve_args(args) -> argparse.Namespace:
+    """Fill the defaults that depend on the step and the optimizer, and check everything that can
+    be checked before the data and the teacher are loaded (ConfigError, one line each)."""
     step = recipe.STEPS[args.step]
     if args.learning_rate is None:
         args.learning_rate = recipe.LEARNING_RATE[args.optimizer]
     if args.weight_decay is None:
         args.weight_decay = step["weight_decay"]
     args.save = os.path.abspath(args.save or step["save"])
-    if args.step == 2 and args.init_checkpoint is None:
+    if args.step == 2 and getattr(args, "init_checkpoint", None) is None:
         args.init_checkpoint = step["init_checkpoint"]
     if not args.data:
-        raise SystemExit("error: no data: pass --data DIR or set DATA (a folder with train/ and val/)")
-    if min(args.epochs, args.batch_size, args.print_freq, args.input_size) < 1:
-        raise SystemExit("error: --epochs, --batch_size, --print-freq and --input-size must be positive")
+        raise ConfigError("no data: pass --data DIR or set DATA (a folder with train/ and val/)")
+    for flag in ("epochs", "batch_size", "print_freq", "input_size"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.input_size % 32:
+        raise ConfigError(f"--input-size {args.input_size} is not a multiple of 32: ReActNet-A halves "
+                          "the resolution five times (224 is the recipe's)")
+    if not args.learning_rate >= 0:
+        raise ConfigError(f"--learning_rate {args.learning_rate} must be positive (the recipe's is "
+                          f"{recipe.LEARNING_RATE[args.optimizer]})")
+    cuda = torch.cuda.is_available()
+    if args.channels_last is None:
+        args.channels_last = cuda
+    if args.compile is None:
+        args.compile = "inductor" if cuda else "none"
+    if args.fast_decode and args.data_backend != "pil":
+        raise ConfigError("--fast-decode is a PIL decoding option: it needs --data-backend pil")
+    if args.skip_bad_images < 0:
+        raise ConfigError("--skip-bad-images must be 0 or more")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        raise ConfigError(f"--batch_size {args.batch_size} (global) does not split evenly over "
+                          f"{world_size} processes: use a multiple of {world_size}")
+    check_writable(args.save)
     return args
+
+
+def check_writable(folder: str) -> None:
+    """`folder`, or the nearest parent that exists, must be a writable folder (nothing is created)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--save {folder}: {existing} is not a folder this user can write to")
+
+
+def set_precision(precision: str):
+    """TF32 on CUDA only for 'tf32' (PyTorch's own default lets cuDNN convolutions use it)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+
+
+def autocast_dtype(precision: str):
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def schedule_warnings(args) -> list:
+    """Settings that run but train nothing: said once at the start."""
+    warnings = []
+    if args.learning_rate == 0:
+        warnings.append("--learning_rate 0: the weights will not change")
+    if args.epochs == 1:
+        warnings.append("--epochs 1: under the recipe's linear decay the only epoch trains at "
+                        "learning rate 0, so the weights will not change (use 2 or more)")
+    return warnings
 
 
 def build_teacher(name, weights_path, num_classes, log):
@@ -148,6 +266,7 @@ def load_init(student, path, log):
         raise SystemExit(f"error: {path} is a step-2 checkpoint; step 2 starts from step 1's "
                          "model_best.pth.tar (pass it with --init-checkpoint)")
     fmt = load_weights(student, obj)
+    check_finite(student.state_dict(), path)
     epoch = f", epoch {obj['epoch']}, best val Acc@1 {obj.get('best_top1_acc', float('nan')):.3f}" \
         if isinstance(obj, dict) and "epoch" in obj else ""
     log(f"=> step 2 starts from {path} ({fmt}{epoch})")
@@ -166,162 +285,315 @@ def set_rng_state(state: dict):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def train(args) -> nn.Module:
-    """Run (or resume) the training of `args`; returns the trained student (unwrapped)."""
-    info = init_distributed()
-    device = info.device
-    if args.batch_size % info.world_size:
-        raise SystemExit(f"error: --batch_size {args.batch_size} (global) does not split evenly over "
-                         f"{info.world_size} processes: use a multiple of {info.world_size}")
+@dataclass
+class Run:
+    """Everything a training run holds between its set-up and its end."""
+    args: argparse.Namespace
+    info: object
+    logger: RunLogger
+    train_data: object
+    prepare_train: object     # the data backend's batch -> utils.data.Batch on the device
+    val_data: object
+    prepare_val: object
+    teacher: nn.Module
+    student: nn.Module        # unwrapped: what is saved
+    model: nn.Module          # what trains: DDP and/or compiled
+    eager_model: nn.Module    # DDP, uncompiled: the analysis's measured iterations
+    eval_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    monitor: object = None
+    start_epoch: int = 0
+    progress: Progress = field(default_factory=Progress)
+    best_top1: float = -1.0
+    commit: str = ""
+
+    def log(self, msg: str):
+        self.logger.log(msg)
+
+
+def build_data(args, info, log):
+    """(train loader, its prepare), (val loader, its prepare) of --data-backend."""
     batch = args.batch_size // info.world_size
-    workers = args.workers if args.workers is not None else \
-        min(8, max(1, (os.cpu_count() or 1) // info.local_world_size))
+    workers = args.workers if args.workers is not None else default_workers(info.local_world_size)
+    common = dict(world_size=info.world_size, rank=info.rank, pin_memory=info.device.type == "cuda",
+                  input_size=args.input_size)
+    augment = dict(seed=args.seed, crop_scale=recipe.COMMON["crop_scale"], lighting=recipe.COMMON["lighting"])
+    if args.data_backend == "torch":
+        from .torch_data import torch_train_loader, torch_val_loader
+        train = torch_train_loader(args.data, batch, workers, **common, **augment)
+        val = torch_val_loader(args.data, batch, workers, **common)
+    else:
+        train = train_loader(args.data, batch, workers, **common, **augment, fast_decode=args.fast_decode), to_device
+        val = val_loader(args.data, batch, workers, **common), to_device
+    classes, val_classes = train[0].dataset.classes, val[0].dataset.classes
+    if val_classes != classes:
+        only_train = sorted(set(classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(classes))[:5]
+        raise DataError(f"train/ and val/ of {args.data} have different class folders ({len(classes)} "
+                        f"and {len(val_classes)}): only in train/: {only_train or 'none'}, only in val/: "
+                        f"{only_val or 'none'} (the first of each); both need the same <class> folders")
+    log(f"=> data {args.data}: {len(train[0].dataset)} train, {len(val[0].dataset)} val images, "
+        f"{len(classes)} classes; {info.world_size} process(es) x batch {batch}, {workers} workers each; "
+        f"--data-backend {args.data_backend}")
+    return train, val
+
+
+def setup(args) -> Run:
+    """Data, teacher, student, optimizer, resume: the run as the flags and --save describe it."""
+    info = init_distributed()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: stop with the launcher
+        exit_with_parent()
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # CUDA pooling backward: warns
     torch.backends.cudnn.benchmark = not args.deterministic
-    autocast_dtype = torch.bfloat16 if args.amp == "bf16" else None
-
-    # Data (checked first: a bad folder stops the run before anything is written)
-    pin = device.type == "cuda"
-    train_dl = train_loader(args.data, batch, workers, info.world_size, info.rank, args.seed, pin,
-                            args.input_size, recipe.COMMON["crop_scale"], recipe.COMMON["lighting"],
-                            args.fast_decode)
-    val_dl = val_loader(args.data, batch, workers, info.world_size, info.rank, pin, args.input_size)
-    classes = train_dl.dataset.classes
-    if val_dl.dataset.classes != classes:
-        raise SystemExit(f"error: train/ and val/ of {args.data} have different class folders "
-                         f"({len(classes)} and {len(val_dl.dataset.classes)})")
+    set_precision(args.precision)
     logger = RunLogger(args.save, enabled=info.is_main)
     log = logger.log
-    log(f"=> data {args.data}: {len(train_dl.dataset)} train, {len(val_dl.dataset)} val images, "
-        f"{len(classes)} classes; {info.world_size} process(es) x batch {batch}, {workers} workers each")
-
-    # Models: the teacher, then the student (seeded alike on every rank)
-    teacher = build_teacher(args.teacher, args.teacher_weights, len(classes), log).to(device)
-    torch.manual_seed(args.seed)
-    student = reactnet_a(binary_weights=recipe.STEPS[args.step]["binary_weights"],
-                         num_classes=len(classes))
-    resume_path = os.path.join(args.save, "checkpoint.pth.tar")
-    resume = read_checkpoint(resume_path) if os.path.isfile(resume_path) else None
-    if resume is not None and checkpoint_step(resume) != args.step:
-        raise SystemExit(f"error: {resume_path} is a step-{checkpoint_step(resume)} checkpoint, this "
-                         f"is step {args.step}: pass another --save")
+    if info.is_main:
+        for name in remove_stale_temporaries(args.save):
+            log(f"=> removed {name}, left by a save that was killed")
+    for warning in schedule_warnings(args):
+        log(f"=> warning: {warning}")
+    train_data, val_data = build_data(args, info, log)
+    num_classes = len(train_data[0].dataset.classes)
+    teacher = build_teacher(args.teacher, args.teacher_weights, num_classes, log)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    student = reactnet_a(binary_weights=recipe.STEPS[args.step]["binary_weights"], num_classes=num_classes)
+    resume = read_resume(args)
     # Step 2 starts from step 1; a resumed run needs that only as the analysis's C2I reference.
-    need_init = args.step == 2 and (resume is None or (args.analysis_every > 0 and
-                                                       os.path.isfile(args.init_checkpoint)))
-    if need_init:
+    if args.step == 2 and (resume is None or (args.analysis_every and os.path.isfile(args.init_checkpoint))):
         load_init(student, args.init_checkpoint, log)
     reference = None
-    if args.analysis_every > 0 and (resume is None or args.step == 1 or need_init):
+    if args.analysis_every and (resume is None or args.step == 1 or os.path.isfile(args.init_checkpoint)):
         reference = {k: v.clone() for k, v in student.state_dict().items() if v.ndim == 4}
-    elif args.analysis_every > 0:
+    elif args.analysis_every:
         log(f"=> {args.init_checkpoint} is gone: C2I is measured against the resumed weights")
     memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    student.to(device, memory_format=memory_format)
-    teacher.to(memory_format=memory_format)
+    student.to(info.device, memory_format=memory_format)
+    teacher.to(info.device, memory_format=memory_format)
     optimizer = recipe.build_optimizer(student, args.optimizer, args.learning_rate, args.weight_decay)
-    scheduler = recipe.build_scheduler(optimizer, args.epochs)
-
-    start_epoch, best_top1 = 0, -1.0
+    eager = student if info.world_size == 1 else nn.parallel.DistributedDataParallel(
+        student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    compiled = (lambda m: m) if args.compile == "none" else (lambda m: torch.compile(m, backend=args.compile))
+    log(f"=> --precision {args.precision}, channels_last {'on' if args.channels_last else 'off'}, "
+        f"compile {args.compile}")
+    run = Run(args, info, logger, *train_data, *val_data, compiled(teacher), student, compiled(eager),
+              eager, compiled(student), optimizer, recipe.build_scheduler(optimizer, args.epochs),
+              commit=git_commit())
     if resume is not None:
-        if resume["args"].get("optimizer", "adam") != args.optimizer:
-            raise SystemExit(f"error: {resume_path} was trained with --optimizer "
-                             f"{resume['args'].get('optimizer')}, not {args.optimizer}: pass another --save")
-        load_weights(student, resume)
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
-        start_epoch, best_top1 = resume["epoch"], resume["best_top1_acc"]
-        changed = [f"--{k} {resume['args'].get(k)} -> {getattr(args, k)}" for k in
-                   ("epochs", "batch_size", "learning_rate", "weight_decay", "seed", "data")
-                   if resume["args"].get(k) != getattr(args, k)]
-        log(f"=> resuming from {resume_path}: {start_epoch} epochs done, best val Acc@1 {best_top1:.3f}"
-            + (f" (changed: {', '.join(changed)})" if changed else ""))
-        del resume
-    if start_epoch >= args.epochs:
-        log(f"=> nothing to do: {args.epochs} epochs already done in {args.save}")
-        logger.close()
-        return student
-
-    logger.open()
-    logger.truncate_records(start_epoch)
-    commit = git_commit()
-    logger.save_args(vars(args), git_commit=commit, world_size=info.world_size,
-                     torch=torch.__version__)
-    model = student
-    if info.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model, backend=args.compile) if args.compile else model
-    eval_model = torch.compile(student, backend=args.compile) if args.compile else student
-    monitor = None
-    if args.analysis_every > 0:
+        restore(run, resume)
+    if args.analysis_every:
         from .analysis import TrainingMonitor
-        monitor = TrainingMonitor(student, optimizer, args.analysis_every, reference=reference)
-    criterion = DistributionLoss()
-    kw = dict(autocast_dtype=autocast_dtype, channels_last=args.channels_last)
+        run.monitor = TrainingMonitor(student, optimizer, args.analysis_every, reference=reference)
+    return run
 
-    stop = args.epochs if args.stop_after_epochs is None else \
-        min(args.epochs, start_epoch + args.stop_after_epochs)
-    run_start = time.perf_counter()
-    for epoch in range(start_epoch, stop):
-        lr = optimizer.param_groups[0]["lr"]
-        log(f"=> epoch {epoch}/{args.epochs}: learning_rate {lr:.6e}")
-        train_dl.sampler.set_epoch(epoch)
-        tr = train_one_epoch(train_model, teacher, train_dl, criterion, optimizer, epoch, device,
-                             monitor=monitor, print_freq=args.print_freq, log=log,
-                             world_size=info.world_size, **kw)
-        scheduler.step()
-        broadcast_buffers(student)  # every rank validates and the checkpoint holds rank 0's BN stats
-        va = evaluate(eval_model, val_dl, device, **kw)
-        is_best = va["top1"] > best_top1
-        best_top1 = max(best_top1, va["top1"])
-        analysis = monitor.epoch_metrics() if monitor is not None else {}
-        done = epoch + 1 - start_epoch
-        eta = (time.perf_counter() - run_start) / done * (args.epochs - epoch - 1)
-        log(f"* Acc@1 {va['top1']:.3f} Acc@5 {va['top5']:.3f} (val loss {va['loss']:.4f}, "
-            f"{va['count']} images; best Acc@1 {best_top1:.3f}; train {tr['images_per_s']:.1f} img/s; "
-            f"ETA {datetime.timedelta(seconds=round(eta))})")
-        logger.scalars("train", {"loss": tr["loss"], "acc1": tr["top1"], "acc5": tr["top5"],
-                                 "lr": lr, "images_per_s": tr["images_per_s"]}, epoch)
-        logger.scalars("val", {"loss": va["loss"], "acc1": va["top1"], "acc5": va["top5"]}, epoch)
-        logger.scalars("analysis", analysis, epoch)
-        # The epoch's record, then its checkpoint: a resumed run drops records past its checkpoint.
-        logger.epoch_record({
-            "epoch": epoch, "lr": lr, "train_loss": tr["loss"], "train_top1": tr["top1"],
-            "train_top5": tr["top5"], "val_loss": va["loss"], "val_top1": va["top1"],
-            "val_top5": va["top5"], "val_images": va["count"], "best_top1": best_top1,
-            "images_per_s": tr["images_per_s"], "epoch_time": tr["time"], **analysis})
-        if info.is_main:
-            save_checkpoint({
-                "epoch": epoch + 1, "step": args.step, "arch": "reactnet_a",
-                "state_dict": student.state_dict(), "best_top1_acc": best_top1,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "args": vars(args), "rng": rng_state(), "git_commit": commit,
-            }, args.save, is_best)
-        barrier()
-    if monitor is not None:
-        monitor.close()
-    if stop < args.epochs:
-        log(f"=> stopped after epoch {stop} of {args.epochs} (--stop-after-epochs); relaunch to resume")
+
+def read_resume(args):
+    """This run's own checkpoint, if --save has one. Rank 0's file decides; every process must see
+    the same one (same size, epoch and position), or all stop: --save is not shared."""
+    path = os.path.join(args.save, "checkpoint.pth.tar")
+    ckpt, error, view = None, None, None
+    if os.path.isfile(path):
+        try:
+            ckpt = read_checkpoint(path)
+            view = (os.path.getsize(path), ckpt.get("epoch"), ckpt.get("iteration", 0))
+        except CheckpointError as e:
+            error, view = e, "unreadable"
+    views = all_gather_object(view)
+    differ = [rank for rank, v in enumerate(views) if v != views[0]]
+    if differ:
+        raise SystemExit(f"error: process(es) {differ} see {path} differently from rank 0 (rank 0: "
+                         f"{views[0] or 'no file'}; here: {view or 'no file'}): --save must be a "
+                         "folder on a filesystem that every node shares")
+    if error is not None:
+        raise error
+    if ckpt is not None and checkpoint_step(ckpt) != args.step:
+        raise SystemExit(f"error: {path} is a step-{checkpoint_step(ckpt)} checkpoint, this is step "
+                         f"{args.step}: pass another --save")
+    return ckpt
+
+
+def restore(run: Run, ckpt: dict):
+    """Continue the saved run: weights, optimizer, RNG, position; then the flags of this launch.
+
+    A changed flag is applied from here on (--epochs, --learning_rate and --weight_decay give the
+    schedule that the new values define from the current epoch on), except FIXED_FLAGS, refused,
+    and EPOCH_ORDER_FLAGS, refused in the middle of an epoch."""
+    args, path = run.args, os.path.join(run.args.save, "checkpoint.pth.tar")
+    saved = {**ckpt["args"], "world_size": ckpt.get("world_size"), "train_images": ckpt.get("train_images")}
+    now = {**vars(args), "world_size": run.info.world_size, "train_images": len(run.train_data.dataset)}
+    for flag in FIXED_FLAGS:
+        if saved.get(flag, "adam") != now[flag]:
+            raise SystemExit(f"error: {path} was trained with --{flag} {saved.get(flag)}, not "
+                             f"{now[flag]}: pass another --save to start a new run")
+    iteration = ckpt.get("iteration", 0)
+    if iteration:
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in EPOCH_ORDER_FLAGS
+                   if saved.get(k) is not None and saved[k] != now[k]]
+        if changed:
+            raise SystemExit(f"error: {path} stopped in the middle of epoch {ckpt['epoch']}, whose sample "
+                             f"order depends on what changed ({', '.join(changed)}): relaunch with the "
+                             "old values to finish the epoch, then change them")
+        state = ckpt["progress"]
+        row = state["sums"][run.info.rank].to(run.info.device)  # this process's running sums
+        run.progress = Progress(iteration, row[:3].float(), int(row[3]), state["time"])
+    load_weights(run.student, ckpt)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    recipe.apply_schedule(run.optimizer, run.scheduler, args.learning_rate, args.weight_decay, args.epochs)
+    set_rng_state(ckpt["rng"])
+    run.start_epoch, run.best_top1 = ckpt["epoch"], ckpt["best_top1_acc"]
+    changed = [f"--{k} {saved.get(k)} -> {v}" for k, v in now.items()
+               if k in ckpt["args"] and saved[k] != v]
+    where = f" and {iteration} iterations of epoch {run.start_epoch}" if iteration else ""
+    run.log(f"=> resuming from {path}: {run.start_epoch} epochs{where} done, best val Acc@1 "
+            f"{run.best_top1:.3f}" + (f"; changed, applied from now on: {', '.join(changed)}" if changed else ""))
+
+
+def save(run: Run, epochs_done: int, is_best: bool = False, progress: Progress | None = None):
+    """Write checkpoint.pth.tar (and model_best.pth.tar when `is_best`) on rank 0, atomically;
+    collective. `progress`: the position in epoch `epochs_done`, for a mid-epoch checkpoint."""
+    state = None
+    if progress is not None:  # every process's running sums, so that each continues its own
+        sums = torch.cat([progress.sums.double(), progress.sums.new_tensor([progress.count]).double()])
+        state = {"sums": all_gather(sums).cpu(), "time": progress.time}
+    check_finite(run.student.state_dict(), "the weights to be saved")
+    if run.info.is_main:
+        save_checkpoint({
+            "epoch": epochs_done, "iteration": progress.iteration if progress else 0, "progress": state,
+            "step": run.args.step, "arch": "reactnet_a", "state_dict": run.student.state_dict(),
+            "best_top1_acc": run.best_top1, "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "args": vars(run.args), "rng": rng_state(),
+            "git_commit": run.commit, "world_size": run.info.world_size,
+            "train_images": len(run.train_data.dataset),
+        }, run.args.save, is_best)
+    barrier()
+
+
+def train_epoch(run: Run, epoch: int, stop) -> object:
+    args = run.args
+    run.train_data.sampler.set_epoch(epoch, start=run.progress.iteration * run.train_data.batch_size)
+    stats = train_one_epoch(
+        run.model, run.teacher, run.train_data, DistributionLoss(), run.optimizer, epoch, run.info.device,
+        prepare=run.prepare_train, progress=run.progress, stop=stop, max_skipped=args.skip_bad_images,
+        autocast_dtype=autocast_dtype(args.precision), channels_last=args.channels_last,
+        monitor=run.monitor, eager_model=run.eager_model, print_freq=args.print_freq, log=run.log,
+        world_size=run.info.world_size)
+    for path, reason in stats.skipped:
+        run.log(f"=> skipped unreadable training image {path} ({reason})")
+    if hasattr(run.prepare_train, "take_counts"):
+        counts = run.prepare_train.take_counts()
+        if counts["cpu_decoded"]:
+            run.log(f"=> {counts['cpu_decoded']} of {counts['decoded']} training images were not "
+                    "nvjpeg-decodable (CMYK, grayscale, not JPEG) and were decoded on the CPU")
+    return stats
+
+
+def validate(run: Run, epoch: int):
+    """Validation after epoch `epoch`; an unreadable image stops the run, the epoch saved first."""
+    broadcast_buffers(run.student)  # every rank validates, and the checkpoint holds, rank 0's BN stats
+    try:
+        return evaluate(run.eval_model, run.val_data, run.info.device, prepare=run.prepare_val,
+                        autocast_dtype=autocast_dtype(run.args.precision), channels_last=run.args.channels_last)
+    except DataError as e:
+        save(run, epoch + 1)
+        raise DataError(f"{e}; epoch {epoch} was trained and saved, not validated: relaunch once "
+                        "the file is fixed") from None
+
+
+def end_epoch(run: Run, epoch: int, lr: float, tr, va, eta: float):
+    """The epoch's log (console, log.txt, log.jsonl, TensorBoard), then its checkpoint: a resumed
+    run drops records past its checkpoint."""
+    is_best = va.top1 > run.best_top1
+    run.best_top1 = max(run.best_top1, va.top1)
+    analysis = run.monitor.epoch_metrics() if run.monitor is not None else {}
+    run.logger.log_epoch(
+        f"* Acc@1 {va.top1:.3f} Acc@5 {va.top5:.3f} (val loss {va.loss:.4f}, {va.count} images; best "
+        f"Acc@1 {run.best_top1:.3f}; train {tr.images_per_s:.1f} img/s; ETA {datetime.timedelta(seconds=round(eta))})",
+        {"epoch": epoch, "lr": lr, "train_loss": tr.loss, "train_top1": tr.top1,
+         "train_top5": tr.top5, "val_loss": va.loss, "val_top1": va.top1, "val_top5": va.top5,
+         "val_images": va.count, "best_top1": run.best_top1, "images_per_s": tr.images_per_s,
+         "epoch_time": tr.time}, analysis)
+    save(run, epoch + 1, is_best)
+
+
+def stop_requested(stop, device) -> bool:
+    """Whether any process has received a stop signal (collective)."""
+    return bool(all_reduce_max(torch.tensor([int(stop())], device=device)).item())
+
+
+def train(args) -> nn.Module:
+    """Run (or resume) the training `args` describe; returns the trained student (unwrapped)."""
+    run = setup(args)
+    if run.start_epoch >= args.epochs:
+        run.log(f"=> nothing to do: {run.start_epoch} epochs already done in {args.save} (--epochs {args.epochs})")
+        return run.student
+    run.logger.open()
+    run.logger.truncate_records(run.start_epoch)
+    run.logger.save_args(vars(args), git_commit=run.commit, world_size=run.info.world_size,
+                         torch=torch.__version__)
+    last = args.epochs if args.stop_after_epochs is None else min(args.epochs, run.start_epoch + args.stop_after_epochs)
+    started = time.perf_counter()
+    with StopRequest() as stop:
+        for epoch in range(run.start_epoch, last):
+            lr = run.optimizer.param_groups[0]["lr"]
+            run.log(f"=> epoch {epoch}/{args.epochs}: learning_rate {lr:.6e}")
+            tr = train_epoch(run, epoch, stop)
+            if tr.stopped_at is not None:
+                save(run, epoch, progress=run.progress)
+                raise Stopped.by(stop, f"in epoch {epoch} after iteration {tr.stopped_at}", args.save)
+            run.progress = Progress()
+            run.scheduler.step()
+            va = validate(run, epoch)
+            eta = (time.perf_counter() - started) / (epoch + 1 - run.start_epoch) * (args.epochs - epoch - 1)
+            end_epoch(run, epoch, lr, tr, va, eta)
+            if epoch + 1 < last and stop_requested(stop, run.info.device):
+                raise Stopped.by(stop, f"after epoch {epoch}", args.save)
+    if run.monitor is not None:
+        run.monitor.close()
+    if last < args.epochs:
+        run.log(f"=> stopped after epoch {last} of {args.epochs} (--stop-after-epochs); relaunch to resume")
     else:
-        log(f"=> done: best val Acc@1 {best_top1:.3f}, model in {os.path.join(args.save, 'model_best.pth.tar')}")
-    logger.close()
-    return student
+        run.log(f"=> done: best val Acc@1 {run.best_top1:.3f}, model in {os.path.join(args.save, 'model_best.pth.tar')}")
+    run.logger.close()
+    return run.student
+
+
+def report(msg: str, save_dir: str | None):
+    """An error line from the process that raised it: on stderr (prefixed with the rank when there
+    are several processes) and in <save>/log.txt when that exists."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:
+        msg = f"[rank {get_rank()}/{world_size}] {msg}"
+    print(msg, file=sys.stderr, flush=True)
+    if save_dir and os.path.isdir(save_dir):
+        append_line(os.path.join(save_dir, "log.txt"), msg)
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         train(resolve_args(args))
-    except (CheckpointError, DataError, SystemExit) as e:
+    except ConfigError as e:  # the same on every process: said once
+        if get_rank() == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Stopped as e:
+        if get_rank() == 0:
+            report(str(e), args.save)
+        sys.exit(e.code)
+    except (CheckpointError, DataError, NonFiniteLoss, SystemExit) as e:
         msg = e.code if isinstance(e, SystemExit) else f"error: {e}"
         if not isinstance(msg, str):
             raise
-        if get_rank() == 0:  # one message, from rank 0
-            print(msg, file=sys.stderr)
+        report(msg, args.save)
         sys.exit(1)
+    except BaseException:  # a bug or an unexpected failure: its traceback, in log.txt too
+        if os.path.isdir(args.save or ""):
+            append_line(os.path.join(args.save, "log.txt"), traceback.format_exc().rstrip())
+        raise
     cleanup()
 
 

@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -322,9 +323,10 @@ def plot_layers(runs: list[dict], logs: dict, path: str, title: str) -> bool:
 # Running
 # --------------------------------------------------------------------------------------------
 
-def _run(cmd, log_path=None, env=None, stop_on=None):
-    """Run a command, its output to the console and to `log_path`; exit on failure. A line for
-    which `stop_on(line)` is true ends the command (then no failure)."""
+def _run(cmd, log_path=None, env=None, stop_on=None, failure_ok=None):
+    """Run a command, its output to the console and to `log_path`; exit on failure unless
+    `failure_ok()` says otherwise. A line for which `stop_on(line)` is true ends the command
+    (then no failure)."""
     print("$ " + " ".join(cmd), flush=True)
     out = open(log_path, "a") if log_path else None
     try:
@@ -343,7 +345,7 @@ def _run(cmd, log_path=None, env=None, stop_on=None):
     finally:
         if out:
             out.close()
-    if rc != 0:
+    if rc != 0 and not (failure_ok and failure_ok()):
         raise SystemExit(f"findings: command failed ({rc}): {' '.join(cmd)}"
                          + (f"; see {log_path}" if log_path else ""))
 
@@ -398,15 +400,20 @@ def run_training(run: dict, args, teacher: str, env) -> float:
     if run.get("init"):
         cmd += ["--init-checkpoint", os.path.join(args.work, "runs", run["init"], "model_best.pth.tar")]
     start = time.perf_counter()
-    # A run whose loss becomes NaN is stopped when the next epoch begins (the NaN epoch's
-    # record and checkpoint are written by then).
-    nan_seen = False
+    # A run whose loss becomes NaN is stopped by the trainer (exit code 1, nothing saved): its
+    # epoch goes into log.jsonl as a NaN record, for the table and the plots.
+    diverged_in = []
 
-    def diverged(line):
-        nonlocal nan_seen
-        nan_seen = nan_seen or "(val loss nan" in line
-        return nan_seen and line.startswith("=> epoch")
-    _run(cmd, os.path.join(args.work, "runs", f"{run['name']}.out"), env=env, stop_on=diverged)
+    def watch(line):
+        found = re.search(r"the loss is not finite \(NaN or inf\) in epoch (\d+)", line)
+        if found:
+            diverged_in.append(int(found.group(1)))
+        return False
+    _run(cmd, os.path.join(args.work, "runs", f"{run['name']}.out"), env=env, stop_on=watch,
+         failure_ok=lambda: bool(diverged_in))
+    if diverged_in:
+        with open(os.path.join(save, "log.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": diverged_in[0], "train_loss": float("nan")}) + "\n")
     elapsed = time.perf_counter() - start
     print(f"findings: {run['name']} took {elapsed:.0f} s", flush=True)
     return elapsed

@@ -1,0 +1,195 @@
+"""The torch data backend (utils.torch_data) against the PIL path (utils.data): the same
+augmentation parameters, the same pixels up to a bounded resampling difference, the same
+validation images, CPU fallbacks and bad files reported instead of raised."""
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as F
+from PIL import Image
+from torchvision.datasets.folder import pil_loader
+
+from utils import data, torch_data
+from utils.benchmark import make_jpegs
+
+SIZE = 48
+STD255 = 255 * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """train/ and val/, two classes, generated photo-like JPEGs larger and smaller than SIZE."""
+    root = tmp_path_factory.mktemp("jpegs")
+    for c in range(2):
+        for split, count, (w, h) in (("train", 5, (120, 90)), ("val", 3, (70, 100))):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            make_jpegs(str(folder), count, w, h, seed=10 * c + len(split))
+    return str(root)
+
+
+def pixel_difference(a, b):
+    """Mean and max absolute difference of two normalized batches, in 0-255 units."""
+    d = ((a - b) * STD255).abs()
+    return d.mean().item(), d.max().item()
+
+
+def test_parameters_are_the_pil_paths(root):
+    """With the parameters the torch backend's worker draws, PIL's own crop, Lighting and flip
+    give exactly the PIL train transform's output for the same (seed, epoch, index)."""
+    torch_ds = data.image_folder(root, "train", torch_data.TrainParams(SIZE), torch_data.read_encoded)
+    pil_ds = data.image_folder(root, "train", data.train_transform(SIZE))
+    sampler = data.SeededDistributedSampler(pil_ds, num_replicas=1, rank=0, shuffle=True, seed=5)
+    sampler.set_epoch(3)
+    flips = set()
+    for key in sampler:
+        sample, target = torch_ds[key]
+        expected, expected_target = pil_ds[key]
+        i, h, _, _, j, w, _, _ = sample.geometry
+        img = F.resized_crop(pil_loader(sample.path), i, j, h, w, [SIZE, SIZE])
+        pixels = np.clip(np.asarray(img, dtype=np.uint8) + sample.offset, 0, 255).astype(np.uint8)
+        if sample.flip:
+            pixels = pixels[:, ::-1]
+        rebuilt = F.normalize(F.to_tensor(pixels.copy()), data.IMAGENET_MEAN, data.IMAGENET_STD)
+        assert torch.equal(rebuilt, expected) and target == expected_target
+        assert np.abs(sample.offset).max() > 0
+        flips.add(sample.flip)
+    assert flips == {True, False}
+
+
+def test_resampling_difference_to_pil_for_fixed_crops(root):
+    """Crops of every shape (up- and downscaling), decoded the same way, resized by both."""
+    gen = torch.Generator().manual_seed(0)
+    images, geometry, expected = [], [], []
+    for path in sorted(data.image_folder(root, "train", None).samples)[:4]:
+        pil = pil_loader(path[0])
+        decoded = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+        for _ in range(25):
+            h, w = (int(torch.randint(1, n + 1, (1,), generator=gen)) for n in (90, 120))
+            i = int(torch.randint(0, 91 - h, (1,), generator=gen))
+            j = int(torch.randint(0, 121 - w, (1,), generator=gen))
+            images.append(decoded)
+            geometry.append((i, h, SIZE, 0, j, w, SIZE, 0))
+            crop = F.resized_crop(pil, i, j, h, w, [SIZE, SIZE])
+            expected.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1))
+    out = torch_data.resized_crops(images, torch.tensor(geometry), SIZE)
+    d = (out.int() - torch.stack(expected).int()).abs().float()
+    print(f"fixed crops, resampling vs PIL (0-255): mean {d.mean():.4f}, max {d.max():.0f}")
+    assert out.dtype == torch.uint8 and out.shape == (100, 3, SIZE, SIZE)
+    assert d.max() <= 1 and d.mean() < 0.01
+
+
+def test_train_batches_match_pil(root):
+    loader, prepare = torch_data.torch_train_loader(root, 4, 0, seed=1, input_size=SIZE)
+    pil = data.train_loader(root, 4, 0, seed=1, input_size=SIZE)
+    assert isinstance(loader.sampler, data.SeededDistributedSampler)
+    for epoch in (0, 1):
+        loader.sampler.set_epoch(epoch)
+        pil.sampler.set_epoch(epoch)
+        for batch, (images, target) in zip(loader, pil, strict=True):
+            b = prepare(batch, "cpu")
+            assert b.images.dtype == torch.float32 and b.images.shape == images.shape
+            assert torch.equal(b.target, target) and b.bad == []
+            mean, worst = pixel_difference(b.images, images)
+            print(f"train batch vs PIL (0-255): mean {mean:.4f}, max {worst:.2f}")
+            assert worst <= 1.01 and mean < 0.01
+    assert prepare.take_counts() == {"decoded": 20, "cpu_decoded": 0, "bad": 0, "batch_decode_failures": 0}
+    assert prepare.take_counts()["decoded"] == 0
+
+
+def test_val_batches_match_pil(root):
+    loader, prepare = torch_data.torch_val_loader(root, 4, 0, input_size=SIZE)
+    assert isinstance(loader.sampler, data.ShardSampler)
+    for batch, (images, target) in zip(loader, data.val_loader(root, 4, 0, input_size=SIZE), strict=True):
+        b = prepare(batch, "cpu")
+        assert torch.equal(b.target, target)
+        mean, worst = pixel_difference(b.images, images)
+        assert worst <= 1.01 and mean < 0.01
+
+
+def test_worker_count_does_not_change_the_batches(root):
+    def batches(workers):
+        loader, prepare = torch_data.torch_train_loader(root, 3, workers, seed=2, input_size=SIZE)
+        loader.sampler.set_epoch(4)
+        return [prepare(b, "cpu") for b in loader]
+
+    for a, b in zip(batches(0), batches(2), strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.target, b.target)
+
+
+def _jpeg_bytes(mode, seed=0, size=(64, 48)):
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    img.save(buf, "JPEG" if mode != "RGBA" else "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def odd_root(tmp_path, root):
+    """Two good JPEGs beside files nvjpeg cannot take and files nothing can decode."""
+    folder = tmp_path / "train" / "c0"
+    folder.mkdir(parents=True)
+    for name in sorted(os.listdir(os.path.join(root, "train", "class0")))[:2]:
+        shutil.copy(os.path.join(root, "train", "class0", name), folder / f"good_{name}")
+    files = {
+        "cmyk.JPEG": _jpeg_bytes("CMYK", 1),
+        "gray.JPEG": _jpeg_bytes("L", 2),
+        "png.JPEG": _jpeg_bytes("RGBA", 3),
+        "truncated.JPEG": _jpeg_bytes("RGB", 4)[:-300],
+        "random.JPEG": np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+    }
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    return str(tmp_path)
+
+
+def test_cpu_fallbacks_and_bad_files(odd_root):
+    loader, prepare = torch_data.torch_train_loader(odd_root, 7, 0, input_size=SIZE)
+    pil = data.image_folder(odd_root, "train", data.train_transform(SIZE))
+    loader.sampler.set_epoch(0)
+    (batch,), keys = list(loader), list(loader.sampler)
+    b = prepare(batch, "cpu")
+    bad = {os.path.basename(p): reason for p, reason in b.bad}
+    assert set(bad) == {"truncated.JPEG", "random.JPEG"}
+    assert "truncated" in bad["truncated.JPEG"] and "cannot identify" in bad["random.JPEG"]
+    with pytest.raises(OSError, match="truncated"):  # the PIL backend refuses it too
+        pil[next(k for k in keys if pil.samples[k[0]][0].endswith("truncated.JPEG"))]
+    assert prepare.take_counts() == {"decoded": 5, "cpu_decoded": 3, "bad": 2, "batch_decode_failures": 0}
+    # The images kept are the PIL path's, in the sampler's order.
+    good = [k for k in keys if not pil.samples[k[0]][0].endswith(("truncated.JPEG", "random.JPEG"))]
+    expected = torch.stack([pil[k][0] for k in good])
+    assert b.images.shape == (5, 3, SIZE, SIZE)
+    assert pixel_difference(b.images, expected)[1] <= 1.01
+    assert torch.equal(b.target, torch.zeros(5, dtype=torch.int64))
+
+
+def test_failed_batched_decode_keeps_the_good_images(tmp_path, root):
+    """A JPEG whose header reads (3 channels, ends with the end-of-image marker) but has no image
+    data makes the batched decode call fail: the batch is decoded image by image, the good ones
+    kept, the culprit reported."""
+    folder = tmp_path / "train" / "c0"
+    folder.mkdir(parents=True)
+    good = sorted(os.listdir(os.path.join(root, "train", "class1")))[:3]
+    for name in good:
+        shutil.copy(os.path.join(root, "train", "class1", name), folder / name)
+    content = _jpeg_bytes("RGB", 6)
+    (folder / "no_scan.JPEG").write_bytes(content[:content.index(b"\xff\xda")] + torch_data.JPEG_EOI)
+    loader, prepare = torch_data.torch_train_loader(str(tmp_path), 4, 0, input_size=SIZE)
+    loader.sampler.set_epoch(0)
+    (batch,) = list(loader)
+    assert batch["nvjpeg"].all()
+    b = prepare(batch, "cpu")
+    assert [os.path.basename(p) for p, _ in b.bad] == ["no_scan.JPEG"]
+    assert b.images.shape[0] == 3 and torch.isfinite(b.images).all()
+    assert prepare.take_counts() == {"decoded": 3, "cpu_decoded": 0, "bad": 1, "batch_decode_failures": 1}
+
+
+def test_folder_errors_are_the_pil_paths(tmp_path):
+    with pytest.raises(data.DataError, match="has no train/ folder"):
+        torch_data.torch_train_loader(str(tmp_path), 2, 0)
+    with pytest.raises(data.DataError, match="does not exist"):
+        torch_data.torch_val_loader(str(tmp_path / "missing"), 2, 0)
