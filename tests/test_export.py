@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import random
+from dataclasses import astuple
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from tests.test_checkpoint import LAYOUTS
 from tests.test_model import FIXTURE, fixture_state_dict
 from tests.tiny import make_image_folder
 from utils import engine, export
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, load_weights
 from utils.data import val_loader
 from utils.export import PackedBinaryConv2d, load_packed, pack_bits, pack_model, popcount
 from utils.ops import count_ops
@@ -152,6 +153,8 @@ def test_export_command(tmp_path, step2, capsys):
     packed = load_packed(out)
     assert not packed.training
     assert max_rel_error(logits(packed, x), expected) < RTOL
+    with pytest.raises(CheckpointError, match="a packed 1-bit file"):  # e.g. as --init-checkpoint
+        load_weights(reactnet_a(num_classes=10), out)
 
 
 def test_export_reads_the_reactnet_release_layout(tmp_path, step2):
@@ -227,9 +230,9 @@ def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys):
     data = make_image_folder(tmp_path / "data", classes=10, train_per_class=0, val_per_class=1)
     stats = evaluate.main(["--checkpoint", str(packed_file), "--data", data, "--batch_size", "4", "-j", "0",
                            "--input-size", "32"])
-    assert "packed 1-bit checkpoint, step 2 (from the checkpoint); 10 images" in capsys.readouterr().out
+    assert "packed 1-bit checkpoint, step 2 (from the checkpoint); input size 32; 10 images" in capsys.readouterr().out
     expected = engine.evaluate(step2[0], val_loader(data, 4, 0, input_size=32), torch.device("cpu"))
-    assert stats == pytest.approx(expected, rel=RTOL) and stats["top1"] == expected["top1"]
+    assert astuple(stats) == pytest.approx(astuple(expected), rel=RTOL) and stats.top1 == expected.top1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

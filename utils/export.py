@@ -32,15 +32,16 @@ import torch.nn as nn
 from models import reactnet_a
 from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
-from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_step, detect_format, load_weights,
-                              read_checkpoint)
+from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
+                              load_weights, read_checkpoint)
+from utils.data import DataError
 
 __all__ = [
     "FORMAT", "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
     "is_packed", "load_packed", "verify", "benchmark",
 ]
 
-FORMAT = "adambnn-packed-reactnet-a"
+FORMAT = PACKED_FORMAT
 VERSION = 1
 WORD = 64  # bits per packed word (int64)
 # Each binary conv of a block and the BatchNorm that follows it (models.reactnet.BasicBlock).
@@ -287,14 +288,18 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
     packed model of `packed_file` on data/val: max relative logit errors (packed vs float32,
     packed vs float64, float32 vs float64), images whose top-1 class differs between packed and
     float32, and both accuracies."""
-    from utils.data import val_loader
+    from utils.data import to_device, val_loader
     model = load_step2(checkpoint)
     reference = copy.deepcopy(model).double()
     packed = load_packed(packed_file)
     worst = {"packed_vs_float32": 0.0, "packed_vs_float64": 0.0, "float32_vs_float64": 0.0}
     differ, correct, count = 0, [0, 0], 0
     with torch.no_grad():
-        for images, target in val_loader(data, batch_size, 0, input_size=input_size):
+        for raw in val_loader(data, batch_size, 0, input_size=input_size):
+            batch = to_device(raw, "cpu")
+            if batch.bad:
+                raise DataError(f"validation image {batch.bad[0][0]} is unreadable ({batch.bad[0][1]})")
+            images, target = batch.images, batch.target
             logits, packed_logits, exact = model(images), packed(images), reference(images.double())
             for key, actual, expected in (("packed_vs_float32", packed_logits, logits),
                                           ("packed_vs_float64", packed_logits.double(), exact),
@@ -373,7 +378,7 @@ def main(argv=None):
                   f"packed vs float32 model {r['packed_vs_float32']:.2e} (vs the float64 model: packed "
                   f"{r['packed_vs_float64']:.2e}, float32 model {r['float32_vs_float64']:.2e}); top-1 differs "
                   f"on {r['top1_differ']} image(s); Acc@1 float {r['float_top1']:.3f}, packed {r['packed_top1']:.3f}")
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
