@@ -7,6 +7,7 @@ PATH is a checkpoint of this repository (either step) or a released one (AdamBNN
 layout, detected from the file). The step (real or binary block weights) comes from the
 checkpoint's 'step' entry; the released files have none, and are taken as step 2 (--step to
 override). Each validation image is counted once, whatever the number of processes.
+A packed 1-bit file of utils.export (step 2) is detected and evaluated the same way.
 """
 import argparse
 import json
@@ -21,6 +22,7 @@ from utils.checkpoint import (CheckpointError, check_finite, checkpoint_step, de
 from utils.data import DataError, default_workers, to_device, val_loader
 from utils.distributed import cleanup, get_rank, init_distributed
 from utils.engine import evaluate
+from utils.export import is_packed, load_packed
 from utils.train import PRECISIONS, autocast_dtype, set_precision
 
 
@@ -65,7 +67,9 @@ def run(args):
         raise SystemExit(f"error: --batch_size {args.batch_size} (global) does not split evenly over "
                          f"{info.world_size} processes: use a multiple of {info.world_size}")
     obj = read_checkpoint(args.checkpoint)
-    saved_step = checkpoint_step(obj)
+    # A packed 1-bit file of utils.export: a step-2 network, built from the file alone.
+    packed = load_packed(args.checkpoint) if is_packed(obj) else None
+    saved_step = 2 if packed else checkpoint_step(obj)
     if saved_step is not None and args.step not in (None, saved_step):
         raise SystemExit(f"error: {args.checkpoint} is a step-{saved_step} checkpoint, not step {args.step}")
     step = saved_step or args.step or 2
@@ -85,8 +89,11 @@ def run(args):
     if classes != len(loader.dataset.classes):
         raise SystemExit(f"error: the checkpoint has {classes} classes, {args.data}/val has "
                          f"{len(loader.dataset.classes)}")
-    model = reactnet_a(binary_weights=step == 2, num_classes=classes)
-    fmt = load_weights(model, obj)
+    if packed:
+        model, fmt = packed, "packed 1-bit"
+    else:
+        model = reactnet_a(binary_weights=step == 2, num_classes=classes)
+        fmt = load_weights(model, obj)
     check_finite(model.state_dict(), args.checkpoint)
     del obj
     how = "from the checkpoint" if saved_step else ("--step" if args.step else "default for released checkpoints")

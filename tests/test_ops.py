@@ -1,8 +1,12 @@
-"""count_ops gives the papers' numbers for ReActNet-A and scales with the input as convs do."""
+"""count_ops gives the papers' numbers for ReActNet-A and scales with the input as convs do; the
+summary's layers add up to them and to the packed file."""
+import copy
+
 import pytest
 
 from models import reactnet_a
-from utils.ops import count_ops, main
+from utils.export import pack_model
+from utils.ops import count_ops, main, summary
 
 FC_MACS = 1024 * 1000
 
@@ -50,3 +54,31 @@ def test_cli_prints_both_steps(capsys):
     out = capsys.readouterr().out
     assert "ReActNet-A, 32x32" in out
     assert f"{4_816_896_000 // 49:,}" in out and f"{stem_macs(32) + FC_MACS:,}" in out
+
+
+def test_summary_layers_sum_to_the_counts_and_the_packed_file(step2, tmp_path, capsys):
+    rows, totals = summary(step2, (1, 3, 32, 32))
+    counts = count_ops(step2, (1, 3, 32, 32))
+    assert {k: totals[k] for k in counts} == counts
+    binary = [r for r in rows if r["kind"] == "binary"]
+    assert len(binary) == 31 and all(r["bits"] == 1 and r["flops"] == 0 for r in binary)
+    # 1 bit per weight, in 64-bit words (the 32-channel convs of the first block pad to 64 bits),
+    # and 16 bytes for each weight exactly 0 (a random initialisation has one or two).
+    for r in binary:
+        zeros = int((step2.get_submodule(r["layer"]).weight == 0).sum())
+        words = r["params"] // 8 * (2 if r["layer"].startswith("feature.1.") else 1)
+        assert r["packed_bytes"] == words + 16 * zeros
+    fc = next(r for r in rows if r["layer"] == "fc")
+    assert (fc["kind"], fc["params"], fc["flops"]) == ("float", FC_MACS + 1000, FC_MACS)
+    assert fc["packed_bytes"] == fc["float_bytes"] == 4 * (FC_MACS + 1000)
+    assert [r["layer"] for r in rows[:3]] == ["feature.0.conv1", "feature.0 (BN, PReLU, move)",
+                                              "feature.1.binary_3x3"]
+    # The packed sizes are those of the file utils.export writes.
+    assert totals["float_bytes"] == sum(t.numel() * t.element_size() for t in step2.state_dict().values())
+    packed = pack_model(copy.deepcopy(step2)).state_dict()
+    assert totals["packed_bytes"] == sum(t.numel() * t.element_size() for t in packed.values())
+
+    main(["--summary", "--input-size", "32"])
+    out = capsys.readouterr().out
+    assert "feature.13.binary_3x3" in out and f"{totals['params']:,}" in out and f"{totals['bops']:,}" in out
+    assert f"float {totals['float_bytes'] / 1e6:.2f} MB, packed {totals['packed_bytes'] / 1e6:.2f} MB" in out

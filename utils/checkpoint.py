@@ -35,6 +35,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _PLAIN_MAPPINGS, _PLAIN_SEQUENCES = (dict, OrderedDict), (list, tuple, torch.Size)
 _PLAIN_LEAVES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
 _SHOW = 5  # offending keys named per kind of problem
+PACKED_FORMAT = "adambnn-packed-reactnet-a"  # the 'format' of utils.export's packed files
 
 
 class CheckpointError(ValueError):
@@ -107,6 +108,9 @@ def load_weights(model: nn.Module, path_or_obj) -> str:
     missing, unexpected or wrongly shaped keys when it does not fit.
     """
     obj = read_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
+    if isinstance(obj, Mapping) and obj.get("format") == PACKED_FORMAT:
+        raise CheckpointError("a packed 1-bit file (utils.export) holds no float weights to load or train "
+                              "from: evaluate it with evaluate.py, or run it with utils.export.load_packed")
     fmt, state_dict = detect_format(obj)
     state_dict = remap_state_dict(state_dict, model)
     target = model.state_dict()

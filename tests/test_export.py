@@ -1,0 +1,251 @@
+"""The packed 1-bit network: exact integer dot products (padding, sign(0), zero weights), logits of
+the float step-2 network, the file in every checkpoint layout, and bad files refused clearly."""
+import copy
+import json
+import os
+import pickle
+import random
+from dataclasses import astuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from models import reactnet_a
+from models.binary import BinaryConv2d
+from tests.test_checkpoint import LAYOUTS
+from tests.test_model import FIXTURE, fixture_state_dict
+from tests.tiny import make_image_folder
+from utils import engine, export
+from utils.checkpoint import CheckpointError, load_weights
+from utils.data import val_loader
+from utils.export import PackedBinaryConv2d, load_packed, pack_bits, pack_model, popcount
+from utils.ops import count_ops
+
+# Largest logit difference relative to the largest |logit|, float32: the float network's own
+# float32 rounding (its conv sums ~1e-7) and the folded BatchNorm's one rounding to float32.
+RTOL = 1e-5
+
+
+def max_rel_error(actual, expected) -> float:
+    return ((actual - expected).abs().amax(1) / expected.abs().amax(1)).max().item()
+
+
+def randomize(model, seed=0):
+    """Non-trivial BN statistics and affine, move biases and PReLU slopes, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.is_floating_point() and not isinstance(model.get_submodule(name.rpartition(".")[0]),
+                                                          BinaryConv2d):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def logits(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.fixture(scope="module")
+def step2():
+    """A step-2 model (10 classes) with random BN statistics, biases and slopes, and its float logits."""
+    torch.manual_seed(0)
+    model = randomize(reactnet_a(binary_weights=True, num_classes=10))
+    x = torch.randn(4, 3, 32, 32)
+    return model, x, logits(model, x)
+
+
+def test_popcount_counts_every_bit():
+    rng = random.Random(0)
+    words = [0, -1, -2 ** 63, 2 ** 63 - 1, 1, 0x5555555555555555]
+    words += [rng.getrandbits(64) - 2 ** 63 for _ in range(500)]
+    expected = [bin(w % 2 ** 64).count("1") for w in words]
+    assert popcount(torch.tensor(words)).tolist() == expected
+
+
+def test_pack_bits_layout():
+    bits = torch.rand(3, 130, generator=torch.Generator().manual_seed(0)) > 0.5
+    words = pack_bits(bits)
+    assert words.shape == (3, 3) and words.dtype == torch.int64
+    for row in range(3):
+        for i in range(192):
+            bit = (int(words[row, i // 64]) >> (i % 64)) & 1
+            assert bit == (int(bits[row, i]) if i < 130 else 0), (row, i)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride", [(32, 16, 3, 1), (96, 40, 3, 2), (64, 64, 1, 1), (130, 7, 3, 2)])
+def test_packed_conv_is_the_exact_integer_dot_product(cin, cout, k, stride):
+    # Exact zeros in the input (sign(0) = 0), on the borders too, and weights exactly 0.
+    g = torch.Generator().manual_seed(cin)
+    conv = BinaryConv2d(cin, cout, k, stride)
+    with torch.no_grad():
+        conv.weight.view(-1)[torch.randperm(conv.weight.numel(), generator=g)[:5]] = 0
+    u = torch.randn(2, cin, 9, 7, generator=g)
+    u[u.abs() < 0.6] = 0
+    u[:, :, 0] = 0
+    bn = randomize(torch.nn.BatchNorm2d(cout))
+    packed = PackedBinaryConv2d.fold(conv, bn)
+    assert len(packed.zero_weights) == 5
+    packed.scale.fill_(1)
+    packed.shift.zero_()
+    expected = F.conv2d(torch.sign(u).double(), torch.sign(conv.weight).double(), stride=stride, padding=k // 2)
+    assert torch.equal(packed(u).double(), expected)
+    # The zeros matter: taken as +1 (or the zero weights as -1) the sums differ.
+    assert not torch.equal(packed(torch.where(u == 0, 1.0, u)).double(), expected)
+    packed.zero_weights = packed.zero_weights[:0]
+    assert not torch.equal(packed(u).double(), expected)
+
+
+def test_packed_conv_folds_alpha_and_batchnorm():
+    g = torch.Generator().manual_seed(1)
+    conv, bn = BinaryConv2d(64, 32, 3, 2).double(), randomize(torch.nn.BatchNorm2d(32)).double()
+    u = torch.randn(2, 64, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        expected = bn(conv(u))
+    actual = PackedBinaryConv2d.fold(conv, bn).double()(u)
+    # The folded scale and shift are float32: one rounding, relative 2**-24.
+    assert (actual - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_fixture_weights_give_the_float_logits():
+    with open(FIXTURE) as f:
+        fixture = json.load(f)
+    model = reactnet_a(binary_weights=True)
+    model.load_state_dict(fixture_state_dict(fixture["step2"]["state_dict_shapes"], fixture["seed"]))
+    x = torch.randn(fixture["input_shape"], generator=torch.Generator().manual_seed(fixture["seed"] + 1),
+                    dtype=torch.float64).float()
+    expected = logits(model, x)
+    actual = logits(pack_model(model), x)
+    assert max_rel_error(actual, expected) < RTOL
+    assert torch.equal(actual.argmax(1), expected.argmax(1))
+    assert actual.argmax(1).tolist() == torch.tensor(fixture["step2"]["eval_logits"]).argmax(1).tolist()
+
+
+def test_random_model_gives_the_float_logits_and_counts(step2):
+    model, x, expected = step2
+    counts = count_ops(model, (1, 3, 32, 32))
+    packed = pack_model(copy.deepcopy(model))
+    actual = logits(packed, x)
+    assert max_rel_error(actual, expected) < RTOL
+    assert torch.equal(actual.argmax(1), expected.argmax(1))
+    assert not any(isinstance(m, (BinaryConv2d, torch.nn.BatchNorm2d)) for m in packed.feature[1:].modules())
+    assert count_ops(packed, (1, 3, 32, 32)) == counts
+
+
+def test_export_command(tmp_path, step2, capsys):
+    model, x, expected = step2
+    ckpt, out = tmp_path / "ckpt.pth.tar", tmp_path / "packed.pt"
+    torch.save(LAYOUTS["this-repo"](model), ckpt)
+    data = make_image_folder(tmp_path / "data", classes=10, train_per_class=0, val_per_class=1)
+    export.main(["--checkpoint", str(ckpt), "--out", str(out), "--verify", data, "--input-size", "32"])
+    printed = capsys.readouterr().out
+    assert f"packed file      {out}: " in printed and "binary weights: 31 convs" in printed
+    errors = [float(printed.split(what)[1].split()[0].strip(",);")) for what in
+              ("packed vs float32 model ", "float64 model: packed ", ", float32 model ")]
+    assert max(errors) < RTOL and "top-1 differs on 0 image(s)" in printed and f"{data}/val, 10 images at 32x32" in printed
+    assert os.path.getsize(out) * 10 < os.path.getsize(ckpt)
+    obj = torch.load(out, weights_only=True)
+    assert (obj["format"], obj["version"], obj["num_classes"]) == (export.FORMAT, export.VERSION, 10)
+    packed = load_packed(out)
+    assert not packed.training
+    assert max_rel_error(logits(packed, x), expected) < RTOL
+    with pytest.raises(CheckpointError, match="a packed 1-bit file"):  # e.g. as --init-checkpoint
+        load_weights(reactnet_a(num_classes=10), out)
+
+
+def test_export_reads_the_reactnet_release_layout(tmp_path, step2):
+    # Flattened `weights` and 'module.' prefixes: the other layouts are simpler
+    # (test_checkpoint.py loads each; export loads through the same load_weights).
+    model, x, expected = step2
+    ckpt, out = tmp_path / "release.pth.tar", tmp_path / "packed.pt"
+    torch.save(LAYOUTS["reactnet-release"](model), ckpt)
+    export.export(ckpt, out)
+    assert max_rel_error(logits(load_packed(out), x), expected) < RTOL
+
+
+def test_step1_checkpoint_is_refused(tmp_path, capsys):
+    ckpt = tmp_path / "step1.pth.tar"
+    torch.save({"step": 1, "state_dict": reactnet_a(binary_weights=False, num_classes=10).state_dict()}, ckpt)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out.pt")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {str(ckpt)!r} is a step-1 checkpoint: its block convs have real-valued weights")
+    assert "\n" not in err and not (tmp_path / "out.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def packed_file(tmp_path_factory, step2):
+    path = tmp_path_factory.mktemp("packed") / "packed.pt"
+    torch.save({"format": export.FORMAT, "version": export.VERSION, "arch": "reactnet_a", "num_classes": 10,
+                "state_dict": pack_model(copy.deepcopy(step2[0])).state_dict()}, path)
+    return path
+
+
+class WritesAFile:
+    """Unpickling it would run os.system: a packed file must never do that."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_bad_packed_files_are_refused(tmp_path, packed_file, step2):
+    obj = torch.load(packed_file, weights_only=True)
+    state = obj["state_dict"]
+    contents = {  # name: (what torch.save writes, what the message says)
+        "version": ({**obj, "version": 2}, "packed format version 2; this code reads version 1"),
+        "float": (LAYOUTS["this-repo"](step2[0]), "is a float checkpoint (this-repo layout), not a packed"),
+        "dtype": ({**obj, "state_dict": {**state, "feature.3.binary_pw.weight_bits":
+                                         state["feature.3.binary_pw.weight_bits"].float()}},
+                  "damaged packed file: entries that do not fit: feature.3.binary_pw.weight_bits"),
+        "missing": ({**obj, "state_dict": {k: v for k, v in state.items() if k != "fc.bias"}},
+                    "entries that do not fit: fc.bias"),
+        "index": ({**obj, "state_dict": {**state, "feature.2.binary_3x3.zero_weights": torch.tensor([[0, 10 ** 6]])}},
+                  "feature.2.binary_3x3.zero_weights (indices out of range)"),
+    }
+    for name, (content, _) in contents.items():
+        torch.save(content, tmp_path / name)
+    data = packed_file.read_bytes()
+    (tmp_path / "truncated").write_bytes(data[:len(data) // 2])
+    ran = tmp_path / "ran"
+    (tmp_path / "executes").write_bytes(pickle.dumps({"format": export.FORMAT, "x": WritesAFile(ran)}, protocol=2))
+    messages = {**{name: message for name, (_, message) in contents.items()},
+                "truncated": "corrupt or not a PyTorch checkpoint", "executes": "not a plain weights file"}
+    for name, message in messages.items():
+        path = str(tmp_path / name)
+        with pytest.raises(CheckpointError) as e:
+            load_packed(path)
+        assert repr(path) in str(e.value) and message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not ran.exists()
+
+
+def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys):
+    data = make_image_folder(tmp_path / "data", classes=10, train_per_class=0, val_per_class=1)
+    stats = evaluate.main(["--checkpoint", str(packed_file), "--data", data, "--batch_size", "4", "-j", "0",
+                           "--input-size", "32"])
+    assert "packed 1-bit checkpoint, step 2 (from the checkpoint); input size 32; 10 images" in capsys.readouterr().out
+    expected = engine.evaluate(step2[0], val_loader(data, 4, 0, input_size=32), torch.device("cpu"))
+    assert astuple(stats) == pytest.approx(astuple(expected), rel=RTOL) and stats.top1 == expected.top1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_gives_the_cpu_logits(packed_file):
+    x = torch.randn(2, 3, 32, 32)
+    cpu, cuda = load_packed(packed_file), load_packed(packed_file, device="cuda")
+    assert torch.equal(logits(cuda, x.cuda()).argmax(1).cpu(), logits(cpu, x).argmax(1))
+    assert max_rel_error(logits(cuda, x.cuda()).cpu(), logits(cpu, x)) < RTOL
+
+
+def test_benchmark_command(capsys):
+    export.main(["--benchmark", "--input-size", "32", "--batch-sizes", "2", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ReActNet-A step 2, 32x32, cpu")
+    assert [line.split()[:3] for line in lines[1:]] == [["float", "batch", "2"], ["packed", "batch", "2"]]
+    assert all(float(line.split()[3]) > 0 for line in lines[1:])
