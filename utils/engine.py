@@ -128,8 +128,9 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
             monitor.start_iteration(i)
             if monitor.measuring and eager_model is not None:
                 model = eager_model
-        if images.size(0) == 0:
-            raise DataError(_unreadable_message(batch.bad, max_skipped) + "; every image of a batch")
+        if images.size(0) == 0:  # (a process cannot skip an iteration the others take)
+            path, reason = batch.bad[0]
+            raise DataError(f"every training image of a batch is unreadable, e.g. {path} ({reason})")
         loss, logits = train_step(model, teacher, images, criterion, optimizer, autocast_dtype,
                                   monitor)
         first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
@@ -176,9 +177,9 @@ def _unreadable_message(skipped, max_skipped) -> str:
     if not skipped:
         return "another process met unreadable training images (see its message)"
     path, reason = skipped[-1]
-    limit = f"more than --skip-bad-images {max_skipped} this epoch" if max_skipped else "unreadable"
-    return (f"training image {path} is unreadable ({reason}); {len(skipped)} {limit}: remove or "
-            "replace it (or pass --skip-bad-images N to skip up to N per epoch)")
+    over = f" ({len(skipped)} this epoch, more than --skip-bad-images {max_skipped})" if max_skipped else ""
+    return (f"training image {path} is unreadable ({reason}){over}: remove or replace it, or pass "
+            "--skip-bad-images N to skip up to N per epoch")
 
 
 @torch.no_grad()

@@ -9,7 +9,8 @@ What it adds to torchrun, none of which hides a worker's message or exit code:
   with a line saying so); torchrun's own traceback is left out, the worker has said why;
 - SIGTERM, SIGUSR1 and SIGINT are passed on to the workers, which save and stop
   (utils/preempt.py); a second one kills them;
-- `--help` shows the step's flags without starting workers.
+- `--help`, usage errors and flags that cannot work (utils.train.resolve_args) are answered
+  before any worker starts.
 """
 import logging
 import os
@@ -64,15 +65,23 @@ def torchrun_args(env=os.environ) -> list:
 
 
 def main(argv: list) -> int:
-    if "-h" in argv or "--help" in argv:
-        from utils.train import parse_args
-        parse_args(argv)  # prints the step's flags and exits
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    from utils.train import ConfigError, parse_args, resolve_args
+
+    launch = torchrun_args()
+    # The flags first, here: `--help`, a usage error or a flag that cannot work is said once,
+    # before any process starts (a worker's own message could be cut short by torchrun
+    # stopping the others).
+    nodes = int(os.environ.get("NNODES", "1").split(":")[-1])  # "MIN:MAX" in an elastic launch
+    try:
+        resolve_args(parse_args(argv), world_size=int(launch[-1]) * nodes)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     pass_on_stop_signals()
-    launch = torchrun_args()
     if int(launch[-1]) > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice, without its warning
     try:

@@ -38,7 +38,8 @@ EPOCH_ORDER_FLAGS = ("batch_size", "seed", "world_size", "train_images")
 
 
 class ConfigError(ValueError):
-    """A flag that is wrong on every process alike, found before anything is loaded."""
+    """A flag that cannot work, found before anything is loaded (utils/launch.py checks these
+    before it starts any process)."""
 
 
 class Stopped(Exception):
@@ -139,9 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return get_parser(step).parse_args(argv)
 
 
-def resolve_args(args) -> argparse.Namespace:
+def resolve_args(args, world_size: int | None = None) -> argparse.Namespace:
     """Fill the defaults that depend on the step and the optimizer, and check everything that can
-    be checked before the data and the teacher are loaded (ConfigError, one line each)."""
+    be checked before the data and the teacher are loaded (ConfigError, one line each).
+    `world_size`: the number of processes (default: torchrun's WORLD_SIZE, else 1)."""
     step = recipe.STEPS[args.step]
     if args.learning_rate is None:
         args.learning_rate = recipe.LEARNING_RATE[args.optimizer]
@@ -170,7 +172,7 @@ def resolve_args(args) -> argparse.Namespace:
         raise ConfigError("--fast-decode is a PIL decoding option: it needs --data-backend pil")
     if args.skip_bad_images < 0:
         raise ConfigError("--skip-bad-images must be 0 or more")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         raise ConfigError(f"--batch_size {args.batch_size} (global) does not split evenly over "
                           f"{world_size} processes: use a multiple of {world_size}")
@@ -576,15 +578,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(resolve_args(args))
-    except ConfigError as e:  # the same on every process: said once
-        if get_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     except Stopped as e:
         if get_rank() == 0:
             report(str(e), args.save)
         sys.exit(e.code)
-    except (CheckpointError, DataError, NonFiniteLoss, SystemExit) as e:
+    except (CheckpointError, ConfigError, DataError, NonFiniteLoss, SystemExit) as e:
         msg = e.code if isinstance(e, SystemExit) else f"error: {e}"
         if not isinstance(msg, str):
             raise
