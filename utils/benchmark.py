@@ -44,7 +44,6 @@ or `--data DIR`. See the README's "Performance" section for measured figures.
 """
 import argparse
 import contextlib
-import io
 import itertools
 import json
 import os

@@ -109,7 +109,7 @@ def export(out: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0,
 
 def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr: float = 1e-3,
                   input_size: int = 32, crop_scale: float = 0.3, seed: int = 0, workers: int = 1,
-                  results_file: str = None, verbose: bool = True) -> "EvalStats":
+                  results_file: str = None, verbose: bool = True):
     """Train a torchvision ResNet-34 (random init, one output per class of `data`/train) with
     labels and save its state_dict to `out`; returns its val metrics (top1, top5, loss, count).
 
