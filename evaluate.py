@@ -17,12 +17,12 @@ import sys
 import torch
 
 from models import reactnet_a
-from utils.checkpoint import (CheckpointError, check_finite, checkpoint_step, detect_format, load_weights,
-                              read_checkpoint)
+from utils.checkpoint import (CheckpointError, check_finite, checkpoint_step, detect_format, is_packed,
+                              load_weights, read_checkpoint)
 from utils.data import DataError, default_workers, to_device, val_loader
 from utils.distributed import cleanup, get_rank, init_distributed
 from utils.engine import evaluate
-from utils.export import is_packed, load_packed
+from utils.export import load_packed
 from utils.train import PRECISIONS, autocast_dtype, set_precision
 
 

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
-    "checkpoint_step", "check_finite", "atomic_save", "atomic_copy", "save_checkpoint",
+    "checkpoint_step", "is_packed", "check_finite", "atomic_save", "atomic_copy", "save_checkpoint",
     "remove_stale_temporaries",
 ]
 
@@ -108,7 +108,7 @@ def load_weights(model: nn.Module, path_or_obj) -> str:
     missing, unexpected or wrongly shaped keys when it does not fit.
     """
     obj = read_checkpoint(path_or_obj) if isinstance(path_or_obj, (str, os.PathLike)) else path_or_obj
-    if isinstance(obj, Mapping) and obj.get("format") == PACKED_FORMAT:
+    if is_packed(obj):
         raise CheckpointError("a packed 1-bit file (utils.export) holds no float weights to load or train "
                               "from: evaluate it with evaluate.py, or run it with utils.export.load_packed")
     fmt, state_dict = detect_format(obj)
@@ -131,6 +131,11 @@ def checkpoint_step(obj) -> int | None:
     """The training step (1 or 2) recorded in this repository's checkpoints, else None."""
     step = obj.get("step") if isinstance(obj, Mapping) else None
     return step if step in (1, 2) else None
+
+
+def is_packed(obj) -> bool:
+    """Whether `obj` (what `read_checkpoint` returned) is a packed 1-bit file of utils.export."""
+    return isinstance(obj, Mapping) and obj.get("format") == PACKED_FORMAT
 
 
 def check_finite(state_dict: Mapping, what) -> None:

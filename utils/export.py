@@ -33,12 +33,12 @@ from models import reactnet_a
 from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
-                              load_weights, read_checkpoint)
+                              is_packed, load_weights, read_checkpoint)
 from utils.data import DataError
 
 __all__ = [
     "FORMAT", "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
-    "is_packed", "load_packed", "verify", "benchmark",
+    "load_packed", "verify", "benchmark",
 ]
 
 FORMAT = PACKED_FORMAT
@@ -224,11 +224,6 @@ def export(checkpoint, out) -> dict:
               "state_dict": model.state_dict()}
     atomic_save(packed, out)
     return packed
-
-
-def is_packed(obj) -> bool:
-    """Whether `obj` (what `read_checkpoint` returned) is a file written by `export`."""
-    return isinstance(obj, Mapping) and obj.get("format") == FORMAT
 
 
 def load_packed(path, device=None) -> nn.Module:
