@@ -238,6 +238,13 @@ def machine_info(device) -> dict:
     return info
 
 
+def describe_machine(m: dict) -> str:
+    """One line of `machine_info`: versions, device, CPUs and threads."""
+    return (f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}; device {m['device']}: "
+            f"{m.get('gpu', m['cpu'])}; {m['cpus']} CPUs, {m['threads']} torch threads"
+            + (f"; CUDA {m['cuda']}, cuDNN {m['cudnn']}" if "gpu" in m else ""))
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -332,11 +339,8 @@ def load_warning(res: dict) -> str | None:
 
 def format_results(res: dict) -> str:
     m = res["machine"]
-    where = m.get("gpu", m["cpu"])
     lines = [
-        f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}; device {m['device']}: "
-        f"{where}; {m['cpus']} CPUs, {m['threads']} torch threads"
-        + (f"; CUDA {m['cuda']}, cuDNN {m['cudnn']}" if "gpu" in m else ""),
+        describe_machine(m),
         f"batch {res['batch_size']} at {res['resolution']}x{res['resolution']}, ReActNet-A student + "
         f"ResNet-34 teacher (random weights), Adam; median of {res['rounds']} iterations per mode, "
         f"modes in turns, after {res['warmup']} warm-up iteration(s); load average "
@@ -484,9 +488,6 @@ def format_loader(res: dict, train_images_per_s=None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Precision: gradients of each mode against a float64 reference
 
-PRECISIONS = ("fp32", "tf32", "bf16")
-
-
 @contextlib.contextmanager
 def tf32(enabled: bool):
     """TF32 for CUDA matmuls and cuDNN convolutions on or off, restored afterwards."""
@@ -522,6 +523,8 @@ def run_precision_check(args) -> dict:
     the float64 reference's, and the smallest per-tensor cosine, at initialization, one batch."""
     import copy
 
+    from .train import PRECISIONS
+
     device = torch.device(args.device)
     res = {"machine": machine_info(device), "batch_size": args.batch_size,
            "resolution": args.resolution, "rows": []}
@@ -549,8 +552,7 @@ def format_precision(res: dict) -> str:
     m = res["machine"]
     lines = [f"gradient cosine to a float64 reference at initialization: ReActNet-A student, "
              f"ResNet-34 teacher (random weights), distillation loss, one batch of "
-             f"{res['batch_size']} at {res['resolution']}x{res['resolution']}; torch {m['torch']}, "
-             f"device {m['device']}: {m.get('gpu', m['cpu'])}", "",
+             f"{res['batch_size']} at {res['resolution']}x{res['resolution']}; {describe_machine(m)}", "",
              "| step | mode | cosine (all gradients) | 1 - cosine | min per-tensor cosine | tensor |",
              "| --- | --- | ---: | ---: | ---: | --- |"]
     for r in res["rows"]:
@@ -647,8 +649,7 @@ def format_end_to_end(res: dict) -> str:
              f"{', channels_last' if res['channels_last'] else ''}{', compile' if res['compile'] else ''}, "
              f"{res['workers']} loader workers; "
              f"{res['data']}; {res['iterations']} timed iterations after {res['warmup']} warm-up; "
-             f"torch {m['torch']}, device {m['device']}: {m.get('gpu', m['cpu'])}, {m['cpus']} CPUs; "
-             f"load average {res['load_average_start']} (start), {res['load_average_end']} (end)", "",
+             f"{describe_machine(m)}; load average {res['load_average_start']} (start), {res['load_average_end']} (end)", "",
              "| step | pipeline | images/s | vs model only |", "| --- | --- | ---: | ---: |"]
     alone = {r["step"]: r["images_per_s"] for r in res["rows"] if r["pipeline"] == "model only"}
     for r in res["rows"]:

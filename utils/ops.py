@@ -80,10 +80,6 @@ def count_ops(model: nn.Module, input_size=(1, 3, 224, 224)) -> dict:
     return {**counts, "ops": counts["flops"] + counts["bops"] // 64, "params": params}
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
 def summary(model: nn.Module, input_size=(1, 3, 224, 224)) -> tuple[list, dict]:
     """Layer by layer, a step-2 ReActNet-A and its packed form (`utils.export.pack_model`).
 
