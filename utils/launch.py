@@ -53,15 +53,14 @@ def pass_on_stop_signals() -> None:
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
 
 
-def torchrun_args(env=os.environ) -> list:
-    nproc = env.get("NPROC_PER_NODE") or str(max(torch.cuda.device_count(), 1))
+def torchrun_args(nproc: int, env=os.environ) -> list:
     if env.get("NNODES", "1") == "1" and not (env.get("MASTER_ADDR") or env.get("MASTER_PORT")):
         rendezvous = ["--standalone"]  # a single node on a free local port
     else:
         rendezvous = ["--nnodes", env.get("NNODES", "1"), "--node_rank", env.get("NODE_RANK", "0"),
                       "--master_addr", env.get("MASTER_ADDR", "127.0.0.1"),
                       "--master_port", env.get("MASTER_PORT", "29500")]
-    return [*rendezvous, "--nproc_per_node", nproc]
+    return [*rendezvous, "--nproc_per_node", str(nproc)]
 
 
 def main(argv: list) -> int:
@@ -70,22 +69,22 @@ def main(argv: list) -> int:
 
     from utils.train import ConfigError, parse_args, resolve_args
 
-    launch = torchrun_args()
+    nproc = int(os.environ.get("NPROC_PER_NODE") or max(torch.cuda.device_count(), 1))
     # The flags first, here: `--help`, a usage error or a flag that cannot work is said once,
     # before any process starts (a worker's own message could be cut short by torchrun
     # stopping the others).
     nodes = int(os.environ.get("NNODES", "1").split(":")[-1])  # "MIN:MAX" in an elastic launch
     try:
-        resolve_args(parse_args(argv), world_size=int(launch[-1]) * nodes)
+        resolve_args(parse_args(argv), world_size=nproc * nodes)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     pass_on_stop_signals()
-    if int(launch[-1]) > 1:
+    if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice, without its warning
     try:
-        torchrun([*launch, "-m", "utils.train", *argv])
+        torchrun([*torchrun_args(nproc), "-m", "utils.train", *argv])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode

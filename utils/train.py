@@ -31,9 +31,9 @@ from .preempt import StopRequest, exit_with_parent
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
-# A relaunch may change any flag; these it refuses (the saved state belongs to them), and these
-# only at an epoch boundary (they fix the order of the epoch's samples).
-FIXED_FLAGS = ("step", "optimizer")
+# A relaunch may change any flag but --step (read_resume) and --optimizer (restore), which the
+# saved state belongs to, and these only at an epoch boundary (they fix the order of the epoch's
+# samples).
 EPOCH_ORDER_FLAGS = ("batch_size", "seed", "world_size", "train_images")
 
 
@@ -365,10 +365,12 @@ def setup(args) -> Run:
     student = reactnet_a(binary_weights=recipe.STEPS[args.step]["binary_weights"], num_classes=num_classes)
     resume = read_resume(args)
     # Step 2 starts from step 1; a resumed run needs that only as the analysis's C2I reference.
-    if args.step == 2 and (resume is None or (args.analysis_every and os.path.isfile(args.init_checkpoint))):
+    need_init = args.step == 2 and (resume is None or (args.analysis_every and
+                                                       os.path.isfile(args.init_checkpoint)))
+    if need_init:
         load_init(student, args.init_checkpoint, log)
     reference = None
-    if args.analysis_every and (resume is None or args.step == 1 or os.path.isfile(args.init_checkpoint)):
+    if args.analysis_every and (resume is None or args.step == 1 or need_init):
         reference = {k: v.clone() for k, v in student.state_dict().items() if v.ndim == 4}
     elif args.analysis_every:
         log(f"=> {args.init_checkpoint} is gone: C2I is measured against the resumed weights")
@@ -421,15 +423,15 @@ def restore(run: Run, ckpt: dict):
     """Continue the saved run: weights, optimizer, RNG, position; then the flags of this launch.
 
     A changed flag is applied from here on (--epochs, --learning_rate and --weight_decay give the
-    schedule that the new values define from the current epoch on), except FIXED_FLAGS, refused,
-    and EPOCH_ORDER_FLAGS, refused in the middle of an epoch."""
+    schedule that the new values define from the current epoch on), except --optimizer, refused,
+    and EPOCH_ORDER_FLAGS, refused in the middle of an epoch (another --step: read_resume)."""
     args, path = run.args, os.path.join(run.args.save, "checkpoint.pth.tar")
     saved = {**ckpt["args"], "world_size": ckpt.get("world_size"), "train_images": ckpt.get("train_images")}
     now = {**vars(args), "world_size": run.info.world_size, "train_images": len(run.train_data.dataset)}
-    for flag in FIXED_FLAGS:
-        if saved.get(flag, "adam") != now[flag]:
-            raise SystemExit(f"error: {path} was trained with --{flag} {saved.get(flag)}, not "
-                             f"{now[flag]}: pass another --save to start a new run")
+    optimizer = saved.get("optimizer", "adam")  # checkpoints from before --optimizer: adam
+    if optimizer != args.optimizer:
+        raise SystemExit(f"error: {path} was trained with --optimizer {optimizer}, not "
+                         f"{args.optimizer}: pass another --save to start a new run")
     iteration = ckpt.get("iteration", 0)
     if iteration:
         changed = [f"{k} {saved[k]} -> {now[k]}" for k in EPOCH_ORDER_FLAGS
