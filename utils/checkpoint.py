@@ -22,6 +22,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from .cli import UserError
+
 __all__ = [
     "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
     "checkpoint_step", "is_packed", "check_finite", "atomic_save", "atomic_copy", "save_checkpoint",
@@ -38,7 +40,7 @@ _SHOW = 5  # offending keys named per kind of problem
 PACKED_FORMAT = "adambnn-packed-reactnet-a"  # the 'format' of utils.export's packed files
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 

@@ -21,6 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
+from .cli import UserError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # AlexNet's PCA of ImageNet pixel colours (eigenvalues on a 0-1 scale, as in the original).
 IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
@@ -29,7 +31,7 @@ IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                                 [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data folder that cannot be used; the message says why."""
 
 

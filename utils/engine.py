@@ -6,21 +6,22 @@ The training loop waits for the device only to print a progress line and every `
 iterations; there the processes agree on whether to stop: a stop signal (preemption), a
 non-finite loss, or more unreadable images than allowed.
 """
-import contextlib
 import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from .cli import UserError
 from .data import DataError, to_device
 from .distributed import all_reduce_max, all_reduce_sum
 from .logger import AverageMeter, progress_line
+from .precision import autocast
 
 SYNC_EVERY = 10  # iterations between the processes' checks (each waits for the device once)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     """The loss became NaN or infinite; the message names the epoch and iteration."""
 
 
@@ -55,19 +56,12 @@ class Progress:
     time: float = 0.0
 
 
-
-def autocast(device: torch.device, dtype):
-    """torch.autocast for `dtype` (e.g. torch.bfloat16), or nothing when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def train_step(student, teacher, images, criterion, optimizer, autocast_dtype=None, monitor=None):
+def train_step(student, teacher, images, criterion, optimizer, precision="fp32", monitor=None):
     """One iteration: teacher forward (no_grad), student forward, distillation loss, backward,
     optimizer step, zero_grad. Labels are not used (distillation only, as in the original).
-    Returns the loss (a detached tensor) and the student's logits."""
-    with autocast(images.device, autocast_dtype):
+    `precision`: utils.precision's mode (bf16: autocast). Returns the loss (a detached tensor) and
+    the student's logits."""
+    with autocast(images.device, precision):
         with torch.no_grad():
             teacher_logits = teacher(images)
         logits = student(images)
@@ -97,7 +91,7 @@ def _memory_format(channels_last):
 
 def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, device, *,
                     prepare=to_device, progress=None, stop=None, max_skipped=0,
-                    autocast_dtype=None, channels_last=False, monitor=None, eager_model=None,
+                    precision="fp32", channels_last=False, monitor=None, eager_model=None,
                     print_freq=10, log=None, world_size=1) -> TrainStats:
     """Train one epoch, or its rest from `progress` (a mid-epoch checkpoint's). Returns the
     training metrics over all processes; `stopped_at` is set when `stop()` (a signal) ended it
@@ -131,8 +125,7 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
         if images.size(0) == 0:  # (a process cannot skip an iteration the others take)
             path, reason = batch.bad[0]
             raise DataError(f"every training image of a batch is unreadable, e.g. {path} ({reason})")
-        loss, logits = train_step(model, teacher, images, criterion, optimizer, autocast_dtype,
-                                  monitor)
+        loss, logits = train_step(model, teacher, images, criterion, optimizer, precision, monitor)
         first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
                                       i, first_nonfinite)
         n = images.size(0)
@@ -183,8 +176,7 @@ def _unreadable_message(skipped, max_skipped) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, *, prepare=to_device, autocast_dtype=None,
-             channels_last=False) -> EvalStats:
+def evaluate(model, loader, device, *, prepare=to_device, precision="fp32", channels_last=False) -> EvalStats:
     """Plain cross-entropy loss, top-1 and top-5 (%) over the images of all processes' shards
     (each image once), and their count. An unreadable image is never skipped: every process
     finishes its shard, then all raise DataError (naming this process's files)."""
@@ -197,7 +189,7 @@ def evaluate(model, loader, device, *, prepare=to_device, autocast_dtype=None,
         bad += batch.bad
         if batch.images.size(0) == 0:
             continue
-        with autocast(device, autocast_dtype):
+        with autocast(device, precision):
             logits = model(batch.images.contiguous(memory_format=fmt))
         logits = logits.float()
         sums += torch.stack([F.cross_entropy(logits, batch.target, reduction="sum"),
