@@ -55,7 +55,7 @@ took() { echo "=== demo: $1 took $((SECONDS - STAGE_START)) s ==="; TIMES+=("$1 
 TIMES=()
 
 stage "export the digits to $DATA"
-"$PYTHON" -m utils.digits export --out "$DATA" --size "$INPUT_SIZE"
+"$PYTHON" -m utils.demo.digits export --out "$DATA" --size "$INPUT_SIZE"
 took export
 
 stage "teacher: ResNet-34, $TEACHER_EPOCHS epochs with labels"
@@ -63,7 +63,7 @@ if [ -f "$TEACHER" ]; then
     echo "kept $TEACHER (delete it, or FRESH=1, to retrain)"
 else
     rm -f "$OUT/teacher/results.jsonl"
-    "$PYTHON" -m utils.digits teacher --data "$DATA" --out "$TEACHER" --epochs "$TEACHER_EPOCHS" \
+    "$PYTHON" -m utils.demo.digits teacher --data "$DATA" --out "$TEACHER" --epochs "$TEACHER_EPOCHS" \
         --input-size "$INPUT_SIZE" --results-file "$OUT/teacher/results.jsonl"
 fi
 took teacher

@@ -1,45 +1,46 @@
 """Evaluate a ReActNet-A checkpoint on DIR/val and print `* Acc@1 X Acc@5 Y`.
 
     python evaluate.py --checkpoint PATH --data DIR                 # CPU or one GPU
-    python -m torch.distributed.run --nproc_per_node 8 evaluate.py --checkpoint PATH --data DIR
+    python -m torch.distributed.run --standalone --nproc_per_node 8 evaluate.py --checkpoint PATH --data DIR
 
-PATH is a checkpoint of this repository (either step) or a released one (AdamBNN or ReActNet
-layout, detected from the file). The step (real or binary block weights) comes from the
-checkpoint's 'step' entry; the released files have none, and are taken as step 2 (--step to
-override). Each validation image is counted once, whatever the number of processes.
-A packed 1-bit file of utils.export (step 2) is detected and evaluated the same way.
+PATH is a checkpoint of this repository (either step), a released one (AdamBNN or ReActNet
+layout, detected from the file), or a packed 1-bit file of utils.export. The step (real or binary
+block weights) comes from the checkpoint's 'step' entry; the released files have none and are
+taken as step 2 (--step to override). The input size comes from the checkpoint where it records
+the training crop size, else 224. Each validation image is counted once, whatever the number of
+processes.
 """
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 from models import reactnet_a
-from utils.checkpoint import (CheckpointError, check_finite, checkpoint_step, detect_format, is_packed,
-                              load_weights, read_checkpoint)
-from utils.data import DataError, default_workers, to_device, val_loader
-from utils.distributed import cleanup, get_rank, init_distributed
+from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_packed,
+                              load_weights, num_classes, read_checkpoint)
+from utils.cli import UserError, exit_on_error
+from utils.data import build_loader
+from utils.distributed import cleanup, init_distributed
 from utils.engine import evaluate
-from utils.export import load_packed
-from utils.train import PRECISIONS, autocast_dtype, set_precision
+from utils.export import load_packed, packed_input_size
+from utils.precision import PRECISIONS, set_precision
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file (this repository's or released)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (this repository's, released, or packed)")
     p.add_argument("--data", default=os.environ.get("DATA"), help="ImageFolder root with val/ (default: $DATA)")
     p.add_argument("--step", type=int, choices=(1, 2), default=None,
                    help="for checkpoints without a 'step' entry (released ones): 2 by default")
-    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="global batch size")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="centre crop after resizing to size*256/224 (default: the training crop size the "
-                        "checkpoint records, else 224)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as in training (utils/train.py)")
-    p.add_argument("--data-backend", choices=("pil", "torch"), default="pil",
+    p.add_argument("--input-size", "--input_size", type=int, default=None,
+                   help="centre crop after resizing to size*256/224, a multiple of 32 (default: the training "
+                        "crop size the checkpoint records, else 224)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as in training (utils/precision.py)")
+    p.add_argument("--data-backend", "--data_backend", choices=("pil", "torch"), default="pil",
                    help="pil: PIL in the loader workers; torch: decode (nvjpeg on CUDA) and resize on the device")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on with CUDA)")
@@ -51,49 +52,46 @@ def get_parser():
     return p
 
 
-def num_classes_of(obj) -> int:
-    _, state_dict = detect_format(obj)
-    for key, value in state_dict.items():
-        if key.endswith("fc.weight"):
-            return value.shape[0]
-    raise CheckpointError("the checkpoint has no fc.weight: not a ReActNet-A checkpoint")
-
-
-def run(args):
+def check_args(args) -> None:
+    """The flags that cannot work, before anything is read."""
     if not args.data:
-        raise SystemExit("error: no data: pass --data DIR or set DATA (a folder with val/)")
+        raise UserError("no data: pass --data DIR or set DATA (a folder with val/)")
+    for flag, value, least in (("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0),
+                               ("--input-size", args.input_size, 32)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if args.input_size is not None and args.input_size % 32:
+        raise UserError(f"--input-size {args.input_size} is not a multiple of 32 (ReActNet-A halves the "
+                        "resolution five times)")
+
+
+def evaluate_checkpoint(args):
+    """Build the network the checkpoint describes, evaluate it on args.data/val; returns EvalStats."""
+    check_args(args)
     info = init_distributed()
     if args.batch_size % info.world_size:
-        raise SystemExit(f"error: --batch_size {args.batch_size} (global) does not split evenly over "
-                         f"{info.world_size} processes: use a multiple of {info.world_size}")
+        raise UserError(f"--batch_size {args.batch_size} (global) does not split evenly over "
+                        f"{info.world_size} processes: use a multiple of {info.world_size}")
     obj = read_checkpoint(args.checkpoint)
-    # A packed 1-bit file of utils.export: a step-2 network, built from the file alone.
-    packed = load_packed(args.checkpoint) if is_packed(obj) else None
+    packed = is_packed(obj)
     saved_step = 2 if packed else checkpoint_step(obj)
     if saved_step is not None and args.step not in (None, saved_step):
-        raise SystemExit(f"error: {args.checkpoint} is a step-{saved_step} checkpoint, not step {args.step}")
+        raise UserError(f"{args.checkpoint} is a step-{saved_step} checkpoint, not step {args.step}")
     step = saved_step or args.step or 2
-    trained_at = obj.get("args", {}).get("input_size") if saved_step else None
+    trained_at = packed_input_size(obj) if packed else (obj.get("args", {}).get("input_size") if saved_step else None)
     input_size = args.input_size or trained_at or 224
     size_note = "from the checkpoint" if not args.input_size and trained_at else \
         (f"the model was trained at {trained_at}" if trained_at and trained_at != input_size else "")
-    workers = args.workers if args.workers is not None else default_workers(info.local_world_size)
-    loader_args = (args.data, args.batch_size // info.world_size, workers, info.world_size, info.rank,
-                   info.device.type == "cuda", input_size)
-    if args.data_backend == "torch":
-        from utils.torch_data import torch_val_loader
-        loader, prepare = torch_val_loader(*loader_args)
-    else:
-        loader, prepare = val_loader(*loader_args), to_device
-    classes = num_classes_of(obj)
-    if classes != len(loader.dataset.classes):
-        raise SystemExit(f"error: the checkpoint has {classes} classes, {args.data}/val has "
-                         f"{len(loader.dataset.classes)}")
+    loader, prepare = build_loader("val", args.data_backend, args.data, args.batch_size, info,
+                                   workers=args.workers, input_size=input_size)
     if packed:
-        model, fmt = packed, "packed 1-bit"
+        model, fmt = load_packed(obj, name=args.checkpoint), "packed 1-bit"
     else:
-        model = reactnet_a(binary_weights=step == 2, num_classes=classes)
+        model = reactnet_a(binary_weights=step == 2, num_classes=num_classes(detect_format(obj)[1]))
         fmt = load_weights(model, obj)
+    classes = model.fc.out_features
+    if classes != len(loader.dataset.classes):
+        raise UserError(f"{args.checkpoint} has {classes} classes, {args.data}/val has {len(loader.dataset.classes)}")
     check_finite(model.state_dict(), args.checkpoint)
     del obj
     how = "from the checkpoint" if saved_step else ("--step" if args.step else "default for released checkpoints")
@@ -109,8 +107,7 @@ def run(args):
     set_precision(args.precision)
     model.to(info.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     stats = evaluate(model if args.compile == "none" else torch.compile(model, backend=args.compile),
-                     loader, info.device, prepare=prepare, autocast_dtype=autocast_dtype(args.precision),
-                     channels_last=channels_last)
+                     loader, info.device, prepare=prepare, precision=args.precision, channels_last=channels_last)
     if info.is_main:
         print(f"* Acc@1 {stats.top1:.3f} Acc@5 {stats.top5:.3f}", flush=True)
         if args.results_file:
@@ -125,16 +122,9 @@ def run(args):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    try:
-        stats = run(args)
-    except (CheckpointError, DataError, SystemExit) as e:
-        msg = e.code if isinstance(e, SystemExit) else f"error: {e}"
-        if not isinstance(msg, str):
-            raise
-        if get_rank() == 0:
-            print(msg, file=sys.stderr)
-        sys.exit(1)
-    cleanup()
+    with exit_on_error():
+        stats = evaluate_checkpoint(args)
+        cleanup()
     return stats
 
 

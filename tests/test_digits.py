@@ -1,4 +1,4 @@
-"""utils/digits.py: the embedded demo data (export) and its teacher."""
+"""utils/demo/digits.py: the embedded demo data (export) and its teacher."""
 import os
 import shutil
 
@@ -8,7 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from utils import digits
+from utils.demo import digits
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,6 @@ def test_teacher_writes_a_state_dict_the_trainer_accepts(exported, tmp_path):
     assert metrics.count == 10 and 0 <= metrics.top1 <= 100
     state = torch.load(out, weights_only=True)
     torchvision.models.resnet34(num_classes=10).load_state_dict(state, strict=True)
-    from utils.train import build_teacher
+    from utils.distill import build_teacher
     teacher = build_teacher("resnet34", str(out), 10, log=lambda s: None)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -18,7 +18,7 @@ from tests.test_checkpoint import LAYOUTS
 from tests.test_model import FIXTURE, fixture_state_dict
 from tests.tiny import make_image_folder
 from utils import engine, export
-from utils.checkpoint import CheckpointError, load_weights
+from utils.checkpoint import PACKED_FORMAT, CheckpointError, load_weights
 from utils.data import val_loader
 from utils.export import PackedBinaryConv2d, load_packed, pack_bits, pack_model, popcount
 from utils.ops import count_ops
@@ -149,7 +149,7 @@ def test_export_command(tmp_path, step2, capsys):
     assert max(errors) < RTOL and "top-1 differs on 0 image(s)" in printed and f"{data}/val, 10 images at 32x32" in printed
     assert os.path.getsize(out) * 10 < os.path.getsize(ckpt)
     obj = torch.load(out, weights_only=True)
-    assert (obj["format"], obj["version"], obj["num_classes"]) == (export.FORMAT, export.VERSION, 10)
+    assert (obj["format"], obj["version"], obj["num_classes"]) == (PACKED_FORMAT, export.VERSION, 10)
     packed = load_packed(out)
     assert not packed.training
     assert max_rel_error(logits(packed, x), expected) < RTOL
@@ -181,7 +181,7 @@ def test_step1_checkpoint_is_refused(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def packed_file(tmp_path_factory, step2):
     path = tmp_path_factory.mktemp("packed") / "packed.pt"
-    torch.save({"format": export.FORMAT, "version": export.VERSION, "arch": "reactnet_a", "num_classes": 10,
+    torch.save({"format": PACKED_FORMAT, "version": export.VERSION, "arch": "reactnet_a", "num_classes": 10,
                 "state_dict": pack_model(copy.deepcopy(step2[0])).state_dict()}, path)
     return path
 
@@ -200,7 +200,8 @@ def test_bad_packed_files_are_refused(tmp_path, packed_file, step2):
     obj = torch.load(packed_file, weights_only=True)
     state = obj["state_dict"]
     contents = {  # name: (what torch.save writes, what the message says)
-        "version": ({**obj, "version": 2}, "packed format version 2; this code reads version 1"),
+        "version": ({**obj, "version": 3}, "packed format version 3, written by a newer version of this code, "
+                                          "which reads versions 1 to 2: update the repository"),
         "float": (LAYOUTS["this-repo"](step2[0]), "is a float checkpoint (this-repo layout), not a packed"),
         "dtype": ({**obj, "state_dict": {**state, "feature.3.binary_pw.weight_bits":
                                          state["feature.3.binary_pw.weight_bits"].float()}},
@@ -215,7 +216,7 @@ def test_bad_packed_files_are_refused(tmp_path, packed_file, step2):
     data = packed_file.read_bytes()
     (tmp_path / "truncated").write_bytes(data[:len(data) // 2])
     ran = tmp_path / "ran"
-    (tmp_path / "executes").write_bytes(pickle.dumps({"format": export.FORMAT, "x": WritesAFile(ran)}, protocol=2))
+    (tmp_path / "executes").write_bytes(pickle.dumps({"format": PACKED_FORMAT, "x": WritesAFile(ran)}, protocol=2))
     messages = {**{name: message for name, (_, message) in contents.items()},
                 "truncated": "corrupt or not a PyTorch checkpoint", "executes": "not a plain weights file"}
     for name, message in messages.items():

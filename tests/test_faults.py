@@ -14,8 +14,9 @@ import torch
 import evaluate
 from tests.test_resume import assert_same_run, process_tree
 from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step
-from utils import recipe, train
+from utils import checkpoint, cli, recipe, train
 from utils.checkpoint import read_checkpoint
+from utils.distributed import DistInfo
 from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
 
 LR = recipe.LEARNING_RATE["adam"]
@@ -200,7 +201,7 @@ def test_errors_of_any_rank_are_printed_with_the_rank_and_logged(tmp_path, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     (tmp_path / "save").mkdir()
-    train.report("error: process 1 on this node has no GPU", str(tmp_path / "save"))
+    cli.report("error: process 1 on this node has no GPU", str(tmp_path / "save"))
     assert capsys.readouterr().err == "[rank 1/2] error: process 1 on this node has no GPU\n"
     assert "[rank 1/2] error" in (tmp_path / "save" / "log.txt").read_text()
 
@@ -209,10 +210,11 @@ def test_ranks_that_see_different_checkpoints_stop(tmp_path, monkeypatch):
     save = tmp_path / "save"
     save.mkdir()
     torch.save({"epoch": 3, "step": 1, "state_dict": {}}, save / "checkpoint.pth.tar")
-    monkeypatch.setattr(train, "all_gather_object", lambda view: [view, None])  # rank 1 sees no file
-    args = train.get_parser().parse_args(["--step", "1", "--data", "x", "--save", str(save)])
-    with pytest.raises(SystemExit, match="must be a folder on a filesystem that every node shares"):
-        train.read_resume(args)
+    monkeypatch.setattr(checkpoint, "all_gather_object", lambda view: [view, None])  # rank 1 sees no file
+    saver = checkpoint.CheckpointSaver(str(save), DistInfo(), print)
+    with pytest.raises(checkpoint.RunFolderError, match="must be a folder on a filesystem that every node shares"):
+        saver.read_resume(1)
+    saver.close()
 
 
 def test_help_through_run_sh_shows_the_steps_defaults():

@@ -42,8 +42,8 @@ def test_step1_outputs(pipeline):
     ckpt = read_checkpoint(save / "checkpoint.pth.tar")  # weights_only=True
     assert ckpt["epoch"] == 2 and ckpt["step"] == 1 and ckpt["arch"] == "reactnet_a"
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
-    assert {"optimizer", "scheduler", "rng", "args", "git_commit", "best_top1_acc"} <= set(ckpt)
-    assert ckpt["scheduler"]["last_epoch"] == 2 and ckpt["args"]["weight_decay"] == 5e-6
+    assert {"optimizer", "rng", "args", "git_commit", "best_top1_acc", "init_seed"} <= set(ckpt)
+    assert ckpt["classes"] == ["class0", "class1", "class2"] and ckpt["args"]["weight_decay"] == 5e-6
     lines = [json.loads(x) for x in open(save / "log.jsonl")]
     assert [r["epoch"] for r in lines] == [0, 1]
     assert [r["lr"] for r in lines] == pytest.approx([1.25e-3 / 2, 0.0])

@@ -14,7 +14,7 @@ from utils import recipe
 from utils.data import IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC, Lighting, train_transform, val_transform
 from utils.distill import DistributionLoss
 from utils.engine import train_step
-from utils.train import get_parser, resolve_args
+from utils.config import get_parser, resolve_args
 
 
 def parse(*argv):
@@ -43,7 +43,7 @@ def test_data_from_environment(monkeypatch):
 def test_lr_schedule_epoch_e_trains_at_lr_times_1_minus_e_plus_1_over_epochs(epochs):
     model = torch.nn.Linear(2, 2)
     opt = recipe.build_optimizer(model, "adam", 1.25e-3, 0.0)
-    sched = recipe.build_scheduler(opt, epochs)
+    sched = recipe.build_scheduler(opt, 1.25e-3, epochs)
     # The original: LambdaLR(lambda step: 1 - step / epochs), stepped at the start of each epoch.
     ref_opt = torch.optim.Adam(model.parameters(), lr=1.25e-3)
     ref = torch.optim.lr_scheduler.LambdaLR(ref_opt, lambda step: 1.0 - step / epochs)
@@ -178,7 +178,7 @@ def test_train_step_bf16_and_channels_last():
     teacher.requires_grad_(False).to(memory_format=torch.channels_last)
     opt = recipe.build_optimizer(student, "adam", 1e-3, 0.0)
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    loss, logits = train_step(student, teacher, x, DistributionLoss(), opt, autocast_dtype=torch.bfloat16)
+    loss, logits = train_step(student, teacher, x, DistributionLoss(), opt, precision="bf16")
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert logits.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in student.parameters())

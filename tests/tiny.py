@@ -60,7 +60,8 @@ def step(n, data, save, *flags, cwd=ROOT, check=True, **extra_env):
 if __name__ == "__main__":
     # torchrun worker of tests/test_distributed.py: train through utils.train, then save this
     # rank's final weights to OUT/rank<R>.pth.   python -m tests.tiny OUT [training flags]
-    from utils.train import get_parser, resolve_args, train
+    from utils.config import get_parser, resolve_args
+    from utils.train import train
 
     out = sys.argv[1]
     student = train(resolve_args(get_parser().parse_args(sys.argv[2:])))

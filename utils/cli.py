@@ -12,7 +12,6 @@ import os
 import sys
 import traceback
 
-from .distributed import get_rank
 from .logger import append_line
 
 __all__ = ["UserError", "report", "exit_on_error"]
@@ -33,7 +32,7 @@ def report(line: str, log_dir: str | None = None) -> None:
     <log_dir>/log.txt when that folder exists."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
-        line = f"[rank {get_rank()}/{world_size}] {line}"
+        line = f"[rank {_rank()}/{world_size}] {line}"
     print(line, file=sys.stderr, flush=True)
     if log_dir and os.path.isdir(log_dir):
         append_line(os.path.join(log_dir, "log.txt"), line)
@@ -46,10 +45,15 @@ def exit_on_error(log_dir: str | None = None):
     try:
         yield
     except UserError as e:
-        if e.every_rank or get_rank() == 0:
+        if e.every_rank or _rank() == 0:
             report(e.line(), log_dir)
         sys.exit(e.exit_code)
     except Exception:
         if log_dir and os.path.isdir(log_dir):
             append_line(os.path.join(log_dir, "log.txt"), traceback.format_exc().rstrip())
         raise
+
+
+def _rank() -> int:
+    from .distributed import get_rank  # here: the launcher imports this module before torch
+    return get_rank()

@@ -13,6 +13,7 @@ resumed run sees exactly the images an uninterrupted run would have seen.
 import functools
 import itertools
 import os
+import signal
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_collate
 from torchvision import datasets, transforms
 
+from . import recipe
 from .cli import UserError
+from .preempt import STOP_SIGNALS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # AlexNet's PCA of ImageNet pixel colours (eigenvalues on a 0-1 scale, as in the original).
@@ -59,7 +62,7 @@ def to_device(raw, device) -> Batch:
                  bad[0] if bad else [])
 
 
-def collate(samples) -> tuple:
+def collate_images(samples) -> tuple:
     """default_collate of the readable samples, plus the (path, reason) of the unreadable ones."""
     good = [s for s in samples if not isinstance(s[0], Unreadable)]
     bad = [(s[0].path, s[0].reason) for s in samples if isinstance(s[0], Unreadable)]
@@ -102,7 +105,7 @@ class Lighting:
         return f"{type(self).__name__}(alphastd={self.alphastd})"
 
 
-def train_transform(input_size=224, crop_scale=0.08, lighting=0.1):
+def train_transform(input_size=224, crop_scale=recipe.COMMON["crop_scale"], lighting=recipe.COMMON["lighting"]):
     return transforms.Compose([
         transforms.RandomResizedCrop(input_size, scale=(crop_scale, 1.0)),
         Lighting(lighting),
@@ -133,10 +136,22 @@ def draft_loader(path: str, size: int) -> Image.Image:
         return img.convert("RGB")
 
 
+def is_image_file(path: str) -> bool:
+    """ImageFolder's image extensions, hidden files (.DS_Store, macOS's ._ files) left out."""
+    return not os.path.basename(path).startswith(".") and path.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+
+
 class SeededImageFolder(datasets.ImageFolder):
     """ImageFolder whose samples may be requested as (index, seed): the global torch generator is
     then seeded with `seed` before the image is transformed (see the module docstring). With
-    `-j 0` that is the main process's generator; nothing else in training draws from it."""
+    `-j 0` that is the main process's generator; nothing else in training draws from it. Hidden
+    folders (.ipynb_checkpoints, .git) are not classes."""
+
+    def find_classes(self, directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -158,7 +173,8 @@ def image_folder(root: str, split: str, transform, loader=None) -> SeededImageFo
         raise DataError(f"{root} has no {split}/ folder: expected the ImageFolder layout "
                         f"{root}/{split}/<class>/<image> (ImageNet: {root}/train and {root}/val)")
     try:
-        return SeededImageFolder(folder, transform, loader=loader or datasets.folder.default_loader)
+        return SeededImageFolder(folder, transform, loader=loader or datasets.folder.default_loader,
+                                 is_valid_file=is_image_file)
     except FileNotFoundError as e:  # no class folders, or class folders without images
         raise DataError(f"{folder} holds no images in <class>/<image> layout ({e})") from None
 
@@ -167,9 +183,10 @@ class SeededDistributedSampler(DistributedSampler):
     """DistributedSampler (shuffled with seed + epoch, padded to equal shards) that hands out
     (index, per-sample seed) pairs, the seed depending on (seed, epoch, index) only.
     `set_epoch(e, start)` skips the first `start` samples of this process's shard: a mid-epoch
-    resume sees the rest of the very order it was interrupted in."""
+    resume sees the rest of the very order it was interrupted in. The last `drop` samples of every
+    shard are left out (the same number on every process, so that they stay in step)."""
 
-    start = 0
+    start = drop = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         super().set_epoch(epoch)
@@ -177,11 +194,11 @@ class SeededDistributedSampler(DistributedSampler):
 
     def __iter__(self):
         n = len(self.dataset)
-        for i in itertools.islice(super().__iter__(), self.start, None):
+        for i in itertools.islice(super().__iter__(), self.start, self.num_samples - self.drop):
             yield i, ((self.seed * 100_003 + self.epoch) * n + i) % (2 ** 63)
 
     def __len__(self):
-        return self.num_samples - self.start
+        return self.num_samples - self.drop - self.start
 
 
 class ShardSampler(Sampler):
@@ -198,14 +215,24 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def data_loader(dataset, sampler, batch_size, workers, pin_memory, collate_fn=collate):
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave stop signals to the training process, which saves and then ends them:
+    a scheduler signalling every process of the job (SLURM's scancel and preemption) must not kill
+    a worker mid-epoch."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def data_loader(dataset, sampler, batch_size, workers, pin_memory, collate_fn=collate_images):
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
-                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn)
+                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_memory=False,
-                 input_size=224, crop_scale=0.08, lighting=0.1, fast_decode=False):
+                 input_size=224, crop_scale=recipe.COMMON["crop_scale"], lighting=recipe.COMMON["lighting"],
+                 fast_decode=False):
     """`batch_size` is the per-process batch. Call `loader.sampler.set_epoch(e)` every epoch."""
     loader = functools.partial(draft_loader, size=input_size) if fast_decode else None
     ds = image_folder(root, "train", train_transform(input_size, crop_scale, lighting), loader)
@@ -217,3 +244,46 @@ def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_me
 def val_loader(root, batch_size, workers, world_size=1, rank=0, pin_memory=False, input_size=224):
     ds = image_folder(root, "val", val_transform(input_size))
     return data_loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)
+
+
+def build_loader(split: str, backend: str, root: str, batch_size: int, info, *, workers=None,
+                 input_size=224, seed=0, fast_decode=False, log=print):
+    """(loader, prepare) of `split` ('train' or 'val') for the data backend `backend` ('pil' or
+    'torch'): `prepare(batch, device)` turns a loaded batch into a Batch on the device.
+    `batch_size` is the global batch, split over the processes of `info` (a DistInfo); `workers`
+    per process (default: default_workers). Training leaves out a last batch of one image per
+    process where the network's last feature maps are 1x1 (input size 32), which BatchNorm cannot
+    train on, and says so."""
+    workers = default_workers(info.local_world_size) if workers is None else workers
+    batch_size //= info.world_size
+    common = dict(world_size=info.world_size, rank=info.rank, pin_memory=info.device.type == "cuda",
+                  input_size=input_size)
+    if backend == "torch":
+        from .torch_data import torch_train_loader, torch_val_loader
+        if split == "train":
+            loader, prepare = torch_train_loader(root, batch_size, workers, seed=seed, **common)
+        else:
+            loader, prepare = torch_val_loader(root, batch_size, workers, **common)
+    elif split == "train":
+        loader, prepare = train_loader(root, batch_size, workers, seed=seed, fast_decode=fast_decode,
+                                       **common), to_device
+    else:
+        loader, prepare = val_loader(root, batch_size, workers, **common), to_device
+    sampler = loader.sampler
+    if split == "train" and input_size < 64 and sampler.num_samples % batch_size == 1:
+        sampler.drop = 1
+        log(f"=> the last batch of each epoch would hold one image per process, and BatchNorm cannot "
+            f"train on one image with 1x1 feature maps (--input-size {input_size}): it is left out, "
+            f"{info.world_size} image(s) an epoch")
+    return loader, prepare
+
+
+def check_same_classes(train, val, root: str) -> list:
+    """The class folders, the same in train/ and val/ (else DataError naming the differences)."""
+    if val.classes != train.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))[:5]
+        only_val = sorted(set(val.classes) - set(train.classes))[:5]
+        raise DataError(f"train/ and val/ of {root} have different class folders ({len(train.classes)} "
+                        f"and {len(val.classes)}): only in train/: {only_train or 'none'}, only in val/: "
+                        f"{only_val or 'none'} (the first of each); both need the same <class> folders")
+    return train.classes

@@ -1,7 +1,15 @@
-"""The distillation loss of the original: soft-target cross-entropy, batch mean."""
+"""Distillation as the original does it: the frozen teacher, and the soft-target loss."""
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .checkpoint import num_classes, read_checkpoint
+from .cli import UserError
+from .distributed import broadcast_object, get_rank
+
+__all__ = ["DistributionLoss", "build_teacher"]
 
 
 class DistributionLoss(nn.Module):
@@ -21,3 +29,47 @@ class DistributionLoss(nn.Module):
         target = F.softmax(teacher_logits.to(dtype), dim=1)
         log_prob = F.log_softmax(student_logits.to(dtype), dim=1)
         return -(target * log_prob).sum(dim=1).mean()
+
+
+def build_teacher(name: str, weights_path: str | None, classes: int, log) -> nn.Module:
+    """The frozen torchvision teacher `name`, in eval mode: the state_dict of `weights_path`, or
+    torchvision's ImageNet weights (IMAGENET1K_V1 where the model has them), fetched once by rank
+    0 while the others wait (offline: from TORCH_HOME's cache)."""
+    import torchvision
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise UserError(f"--teacher {name!r} is not a torchvision model") from None
+    if weights_path:
+        obj = read_checkpoint(weights_path)
+        state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        teacher_classes, source = num_classes(state, weights_path), weights_path
+    else:
+        enum = torchvision.models.get_model_weights(name)
+        weights = getattr(enum, "IMAGENET1K_V1", None) or enum.DEFAULT
+        teacher_classes, source = len(weights.meta["categories"]), f"torchvision {weights}"
+    if teacher_classes != classes:
+        raise UserError(f"the teacher ({source}) has {teacher_classes} classes but the data has {classes}: "
+                        f"pass --teacher-weights with a {classes}-class {name}")
+    if not weights_path:
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        failure = None
+        if get_rank() == 0:  # rank 0 downloads, the others wait
+            try:
+                weights.get_state_dict(progress=False, check_hash=True)
+            except Exception as e:  # offline, proxy, disk full, bad hash...
+                failure = f"{type(e).__name__}: {e}"
+        failure = broadcast_object(failure)
+        if failure:
+            raise UserError(f"could not fetch the teacher's weights {weights.url} ({failure}). Offline, put "
+                            f"the file at {cached} (TORCH_HOME/hub/checkpoints/) or pass --teacher-weights PATH")
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    teacher = builder(num_classes=teacher_classes)
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"{source} does not fit torchvision {name}: {' '.join(first[:3])}") from None
+    log(f"=> teacher {name} from {source}")
+    return teacher.eval().requires_grad_(False)

@@ -33,8 +33,9 @@ def init_distributed() -> DistInfo:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            raise SystemExit(f"error: process {local_rank} on this node has no GPU "
-                             f"({torch.cuda.device_count()} visible); lower NPROC_PER_NODE")
+            from .cli import UserError
+            raise UserError(f"process {local_rank} on this node has no GPU ({torch.cuda.device_count()} "
+                            "visible); lower NPROC_PER_NODE")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
@@ -51,10 +52,6 @@ def is_dist() -> bool:
 def get_rank() -> int:
     """This process's rank (from torchrun's environment before the group is initialised)."""
     return dist.get_rank() if is_dist() else int(os.environ.get("RANK", 0))
-
-
-def is_main() -> bool:
-    return get_rank() == 0
 
 
 def barrier():

@@ -5,19 +5,23 @@ Environment: NPROC_PER_NODE (processes on this node; default: the GPUs, or 1), N
 NODE_RANK, MASTER_ADDR, MASTER_PORT (several nodes; without them one node on a free port).
 
 What it adds to torchrun, none of which hides a worker's message or exit code:
+- `--help`, usage errors and flags that cannot work (utils.config) are answered before any
+  worker starts;
+- SIGTERM, SIGUSR1 and SIGINT are passed on to the workers, which save and stop
+  (utils/preempt.py); a second one kills them. A stop signal that comes before the workers can
+  handle it ends the launch with the same exit code (75, or 130 for SIGINT): nothing was
+  trained yet, and a requeueing script relaunches as it would after a save;
 - the exit code is the failing worker's (one killed by a signal: 128 + N, as a shell reports,
   with a line saying so); torchrun's own traceback is left out, the worker has said why;
-- SIGTERM, SIGUSR1 and SIGINT are passed on to the workers, which save and stop
-  (utils/preempt.py); a second one kills them;
-- `--help`, usage errors and flags that cannot work (utils.train.resolve_args) are answered
-  before any worker starts.
+- torchrun's log folder is a temporary one, removed at the end.
 """
-import logging
 import os
 import signal
 import sys
+import threading
+import time
 
-import torch
+from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS
 
 
 def children() -> list:
@@ -33,24 +37,38 @@ def children() -> list:
     return found
 
 
-def pass_on_stop_signals() -> None:
+def pass_on_stop_signals() -> list:
     """Workers run in sessions of their own, so that a terminal's Ctrl-C reaches only this
-    process: hand each stop signal on to them (SIGKILL from the second one on)."""
+    process: hand each stop signal on to them (SIGKILL from the second one on), also to workers
+    that start within the next 30 s. Returns the list the received signals are appended to."""
     received = []
+
+    def send(sig) -> bool:
+        pids = children()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return bool(pids)
+
+    def send_when_started(sig):
+        deadline = time.monotonic() + 30
+        while not send(sig) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def handler(signum, frame):
         received.append(signum)
-        for pid in children():
-            try:
-                os.kill(pid, signum if len(received) == 1 else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        sig = signum if len(received) == 1 else signal.SIGKILL
+        if not send(sig):  # torchrun is starting them
+            threading.Thread(target=send_when_started, args=(sig,), daemon=True).start()
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, handler)
     # torchrun would replace these handlers with its own, which kill the workers 30 s later
     # (its --signals-to-handle, read from PET_SIGNALS_TO_HANDLE).
     os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+    return received
 
 
 def torchrun_args(nproc: int, env=os.environ) -> list:
@@ -63,11 +81,23 @@ def torchrun_args(nproc: int, env=os.environ) -> list:
     return [*rendezvous, "--nproc_per_node", str(nproc)]
 
 
+def stopped_before_training(signum: int) -> int:
+    print(f"=> stopped by {signal.Signals(signum).name} before training started: nothing to save yet; "
+          "relaunch the same command", file=sys.stderr)
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else EXIT_PREEMPTED
+
+
 def main(argv: list) -> int:
+    received = pass_on_stop_signals()  # first: a scheduler may signal from the first second
+    import logging
+    import shutil
+    import tempfile
+
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from utils.train import ConfigError, parse_args, resolve_args
+    from utils.config import ConfigError, parse_args, resolve_args
 
     nproc = int(os.environ.get("NPROC_PER_NODE") or max(torch.cuda.device_count(), 1))
     # The flags first, here: `--help`, a usage error or a flag that cannot work is said once,
@@ -77,23 +107,29 @@ def main(argv: list) -> int:
     try:
         resolve_args(parse_args(argv), world_size=nproc * nodes)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(e.line(), file=sys.stderr)
         return 1
+    if received:
+        return stopped_before_training(received[0])
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    pass_on_stop_signals()
     if nproc > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's choice, without its warning
+    log_dir = tempfile.mkdtemp(prefix="adambnn_torchrun_")
     try:
-        torchrun([*torchrun_args(nproc), "-m", "utils.train", *argv])
+        torchrun([*torchrun_args(nproc), "--log-dir", log_dir, "-m", "utils.train", *argv])
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
-        if code < 0:  # killed by a signal: nothing of its own was said
-            name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
-            print(f"error: process {rank} was killed by {name}"
-                  + (" (out of memory?)" if -code == signal.SIGKILL else ""), file=sys.stderr)
-            return 128 - code
-        return code
+        if code >= 0:
+            return code
+        if received and -code in STOP_SIGNALS:  # the signal came before the worker could handle it
+            return stopped_before_training(received[0])
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else -code
+        print(f"error: process {rank} was killed by {name}"
+              + (" (out of memory?)" if -code == signal.SIGKILL else ""), file=sys.stderr)
+        return 128 - code
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
     return 0
 
 

@@ -8,7 +8,9 @@ the same and exits with EXIT_INTERRUPTED. Relaunching the same command continues
 import ctypes
 import signal
 
-__all__ = ["EXIT_PREEMPTED", "EXIT_INTERRUPTED", "STOP_SIGNALS", "StopRequest", "exit_with_parent"]
+from .cli import UserError
+
+__all__ = ["EXIT_PREEMPTED", "EXIT_INTERRUPTED", "STOP_SIGNALS", "StopRequest", "Stopped", "exit_with_parent"]
 
 EXIT_PREEMPTED = 75     # EX_TEMPFAIL: "try again later", what a requeueing scheduler wants to see
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -48,6 +50,30 @@ class StopRequest:
     @property
     def exit_code(self) -> int:
         return EXIT_INTERRUPTED if self.signum == signal.SIGINT else EXIT_PREEMPTED
+
+
+class Stopped(UserError):
+    """A stop signal ended the run, after saving what there was to save; `exit_code` is 75 (or
+    130 for SIGINT). Stopped together, the processes leave the message to rank 0."""
+
+    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
+        super().__init__(message)
+        self.exit_code, self.every_rank = exit_code, every_rank
+
+    def line(self) -> str:
+        return str(self)
+
+    @classmethod
+    def by(cls, stop: StopRequest, where: str, checkpoint: str) -> "Stopped":
+        return cls(f"=> stopped by {stop.name} {where}: saved {checkpoint}; relaunch the same command to "
+                   "continue", stop.exit_code)
+
+    @classmethod
+    def check(cls, stop: StopRequest, where: str) -> None:
+        """Raise Stopped when this process has received a stop signal before there is anything to save."""
+        if stop():
+            raise cls(f"=> stopped by {stop.name} {where}: nothing to save yet; relaunch the same command",
+                      stop.exit_code, every_rank=True)
 
 
 def exit_with_parent(sig=signal.SIGTERM) -> None:

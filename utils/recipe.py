@@ -72,18 +72,16 @@ def lr_factor(epochs: int):
     return lambda e: 1.0 - (e + 1) / epochs
 
 
-def build_scheduler(optimizer, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(epochs))
-
-
-def apply_schedule(optimizer, scheduler, lr: float, weight_decay: float, epochs: int) -> None:
-    """Make a restored optimizer and scheduler follow the schedule that `lr`, `weight_decay` and
-    `epochs` define, from the scheduler's current epoch on (a relaunch with changed flags). With
-    the saved values it changes nothing: the rate is computed as LambdaLR computes it."""
-    scheduler.lr_lambdas = [lr_factor(epochs) for _ in optimizer.param_groups]
-    scheduler.base_lrs = [lr for _ in optimizer.param_groups]
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+def build_scheduler(optimizer, lr: float, epochs: int, epochs_done: int = 0):
+    """The linear decay as a LambdaLR positioned after `epochs_done` epochs: the next epoch, e,
+    trains at lr * (1 - (e + 1) / epochs). A resumed run builds it from its current --learning_rate
+    and --epochs (changed flags give the schedule they define from the current epoch on); the rate
+    is LambdaLR's own closed form, so unchanged flags give exactly the uninterrupted run's."""
+    for group in optimizer.param_groups:
         group["initial_lr"] = lr
-        group["lr"] = lr * factor(scheduler.last_epoch)
-    optimizer.param_groups[1]["weight_decay"] = weight_decay  # the weights group (parameter_groups)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(epochs), last_epoch=epochs_done - 1)
+
+
+def set_weight_decay(optimizer, weight_decay: float) -> None:
+    """The decay of the weights group (`parameter_groups`' second), e.g. a resumed run's new value."""
+    optimizer.param_groups[1]["weight_decay"] = weight_decay

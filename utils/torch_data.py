@@ -99,7 +99,7 @@ class ValParams:
         return sample
 
 
-def collate(samples) -> dict:
+def collate_encoded(samples) -> dict:
     """A batch of encoded images: all bytes in one buffer (one pin, one transfer between
     processes), the parameters as tensors."""
     records, targets = zip(*samples)
@@ -320,11 +320,11 @@ def torch_train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, 
     ds = image_folder(root, "train", TrainParams(input_size, crop_scale, lighting), read_encoded)
     sampler = SeededDistributedSampler(ds, num_replicas=world_size, rank=rank, shuffle=True,
                                        seed=seed)
-    return data_loader(ds, sampler, batch_size, workers, pin_memory, collate), Prepare(input_size, train=True)
+    return data_loader(ds, sampler, batch_size, workers, pin_memory, collate_encoded), Prepare(input_size, train=True)
 
 
 def torch_val_loader(root, batch_size, workers, world_size=1, rank=0, pin_memory=False, input_size=224):
     """(loader, prepare) for evaluation: each image of this process's shard once, in order."""
     ds = image_folder(root, "val", ValParams(input_size), read_encoded)
-    return (data_loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory, collate),
+    return (data_loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory, collate_encoded),
             Prepare(input_size, train=False))

@@ -364,14 +364,14 @@ def prepare(args, env):
     """The digits export and the teacher: the demo's if they are there, else made like the demo."""
     py = sys.executable
     if not all(os.path.isdir(os.path.join(args.data, s)) for s in ("train", "val")):
-        _run([py, "-m", "utils.digits", "export", "--out", args.data, "--size",
+        _run([py, "-m", "utils.demo.digits", "export", "--out", args.data, "--size",
               str(args.input_size)], env=env)
     teacher = args.teacher_weights
     if not os.path.isfile(teacher):
         teacher = os.path.join(args.work, "teacher", "resnet34_digits.pth")
         if not os.path.isfile(teacher):
             os.makedirs(os.path.dirname(teacher), exist_ok=True)
-            _run([py, "-m", "utils.digits", "teacher", "--data", args.data, "--out", teacher,
+            _run([py, "-m", "utils.demo.digits", "teacher", "--data", args.data, "--out", teacher,
                   "--epochs", str(args.teacher_epochs), "--input-size", str(args.input_size)],
                  env=env)
     return teacher

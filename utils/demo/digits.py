@@ -5,8 +5,8 @@ scikit-learn ships a real data set inside its package: the UCI handwritten digit
 the same ImageFolder layout as ImageNet, so that `demo.sh` can run the very same entry points
 (`step1/run.sh`, `step2/run.sh`, `evaluate.py`) on any CPU without downloading anything:
 
-    python -m utils.digits export --out DIR            # DIR/train/<class>/*.png, DIR/val/<class>/*.png
-    python -m utils.digits teacher --data DIR --out FILE --epochs N
+    python -m utils.demo.digits export --out DIR            # DIR/train/<class>/*.png, DIR/val/<class>/*.png
+    python -m utils.demo.digits teacher --data DIR --out FILE --epochs N
         # a ResNet-34 (torchvision, 10 classes, random init) trained with labels; FILE is a
         # state_dict that the trainer's --teacher-weights accepts
 
@@ -125,9 +125,9 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
     import torch.nn.functional as F
     import torchvision
 
-    from .checkpoint import atomic_save
-    from .data import train_loader, val_loader
-    from .engine import evaluate
+    from ..checkpoint import atomic_save
+    from ..data import train_loader, val_loader
+    from ..engine import evaluate
 
     torch.manual_seed(seed)
     device = torch.device("cpu")
@@ -170,7 +170,7 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m utils.digits", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m utils.demo.digits", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="write the digits in ImageFolder layout (once)")
@@ -194,13 +194,13 @@ def main(argv=None):
     if args.command == "export":
         export(args.out, args.size, args.val_fraction, args.seed)
         return 0
-    from .data import DataError
+    from ..data import DataError
     try:
         train_teacher(args.data, args.out, args.epochs, args.batch_size, args.learning_rate,
                       args.input_size, args.crop_scale, args.seed, args.workers,
                       args.results_file)
     except DataError as e:
-        raise SystemExit(f"error: {e} (make it with: python -m utils.digits export --out DIR)")
+        raise SystemExit(f"error: {e} (make it with: python -m utils.demo.digits export --out DIR)")
     return 0
 
 
