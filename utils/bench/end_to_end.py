@@ -1,9 +1,8 @@
-"""`python -m utils.bench end-to-end`: the training loop fed by each data backend, beside the model alone.
+"""`python -m utils.bench end-to-end`: images/s of the training loop fed by each data backend.
 
-Times the training loop (utils.engine.train_step) fed by each data backend -- `pil`
-(utils.data.train_loader, then the transfer) and `torch` (utils.torch_data: decode and
-augmentation on the device) -- beside the same model on one pre-made batch, on generated JPEGs or
-`--data DIR`, in images/s.
+The loop is utils.engine.train_step's; the backends are `pil` (utils.data.train_loader, then the
+transfer) and `torch` (utils.torch_data: decode and augmentation on the device), beside the same
+model on one pre-made batch ("model only"); on generated JPEGs or `--data DIR`.
 """
 import itertools
 import tempfile
