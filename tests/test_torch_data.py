@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.datasets.folder import pil_loader
 
 from utils import data, torch_data
-from utils.benchmark import make_jpegs
+from utils.bench.common import make_jpegs
 
 SIZE = 48
 STD255 = 255 * torch.tensor(data.IMAGENET_STD).view(1, 3, 1, 1)

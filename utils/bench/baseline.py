@@ -1,4 +1,5 @@
-"""The original release's way of computing ReActNet-A, kept only as the benchmark's baseline.
+"""The original release's way of computing ReActNet-A, kept only as the baseline of
+`python -m utils.bench iteration`.
 
 This is a re-implementation of the authors' `step1/reactnet.py` and `step2/reactnet.py`
 (AdamBNN; identical to ReActNet's `mobilenet/` code apart from parameter names) that computes
@@ -19,7 +20,7 @@ so the cost, is the original's.
 
 Module and parameter names equal those of `models.reactnet_a`, so weights copy over with
 `load_state_dict(strict=True)` and both networks compute the same logits and gradients
-(tests/test_benchmark.py checks this in float64). The training code never uses this module.
+(tests/test_bench.py checks this in float64). The training code never uses this module.
 """
 import torch
 import torch.nn as nn

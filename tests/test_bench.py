@@ -1,14 +1,15 @@
-"""The benchmark's baseline computes what this repository's model computes (so its timings compare
-like with like), and `python -m utils.benchmark` runs end to end. Nothing here checks timings."""
+"""The benchmarks' baseline computes what this repository's model computes (so its timings compare
+like with like), and each subcommand of `python -m utils.bench` runs. Nothing here checks timings."""
 import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import reactnet_a
-from utils import benchmark
-from utils.baseline import BinaryActivation, HardBinaryConv, baseline_reactnet_a
+from utils.bench import iteration
+from utils.bench.__main__ import get_parser, main
+from utils.bench.baseline import BinaryActivation, HardBinaryConv, baseline_reactnet_a
+from utils.cli import UserError
 
 
 @pytest.mark.parametrize("binary_weights", [False, True])
@@ -50,7 +51,7 @@ def test_baseline_binarizers_are_the_original_formulas():
     assert torch.equal(y.detach(), torch.sign(x.detach()))
     assert torch.allclose(x.grad, torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0, 0.0, 0.0]))
     conv = HardBinaryConv(2, 3, kernel_size=1, padding=0)
-    with torch.no_grad():  # (|W| = 1 exactly avoided: see the module docstring of utils.baseline)
+    with torch.no_grad():  # (|W| = 1 exactly avoided: see the module docstring of utils.bench.baseline)
         conv.weight.copy_(torch.tensor([[1.5, -0.5], [0.2, 0.4], [-2.0, 0.75]]).view(3, 2, 1, 1))
     u = torch.ones(1, 2, 1, 1)
     out = conv(u)
@@ -60,11 +61,11 @@ def test_baseline_binarizers_are_the_original_formulas():
     assert torch.equal(conv.weight.grad.view(3, 2), torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 1.0]]))
 
 
-def test_benchmark_cli_runs_end_to_end(tmp_path, capsys):
+def test_iteration_benchmark_runs(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    res = benchmark.main(["--device", "cpu", "--batch-size", "2", "--resolution", "32", "--steps", "2",
-                          "--modes", "baseline,repo,bf16", "--rounds", "1", "--warmup", "0",
-                          "--num-classes", "10", "--no-memory", "--quiet", "--json", str(path)])
+    res = main(["iteration", "--device", "cpu", "--batch-size", "2", "--resolution", "32", "--steps", "2",
+                "--modes", "baseline,repo,bf16", "--rounds", "1", "--warmup", "0",
+                "--num-classes", "10", "--no-memory", "--quiet", "--json", str(path)])
     out = capsys.readouterr().out
     assert "| mode | step | ms/iter | images/s | peak MiB | time vs baseline | memory vs baseline" in out
     assert f"torch {torch.__version__}" in out
@@ -80,34 +81,46 @@ def test_benchmark_cli_runs_end_to_end(tmp_path, capsys):
 
 
 def test_cpu_peak_memory_probe_in_a_fresh_process():
-    args = benchmark.get_parser().parse_args(["--batch-size", "2", "--resolution", "32", "--num-classes", "10",
-                                              "--threads", "1"])
-    res = benchmark.measure_memory_subprocess("repo", 2, args)
+    args = get_parser().parse_args(["iteration", "--batch-size", "2", "--resolution", "32",
+                                    "--num-classes", "10", "--threads", "1"])
+    res = iteration.measure_memory_subprocess("repo", 2, args)
     assert set(res) == {"peak_mib", "resident_before_mib", "gradients_before_mib"}
     # At least the gradients (29.3M float32 parameters: ~112 MiB) are allocated in the iteration.
     assert 100 < res["peak_mib"] < 2000 and res["resident_before_mib"] > 100
 
 
 def test_loader_benchmark_runs(capsys):
-    res = benchmark.main(["--loader", "--images", "3", "--image-size", "160x120", "--input-size", "64",
-                          "--loader-reps", "1", "--train-images-per-s", "100"])
+    res = main(["loader", "--images", "3", "--image-size", "160x120", "--input-size", "64",
+                "--reps", "1", "--train-images-per-s", "100"])
     out = capsys.readouterr().out
     assert res["images_per_s"] > 0 and "whole pipeline" in out and "workers" in out
     assert set(res["stages_ms"]) >= {"RandomResizedCrop", "Lighting", "ToTensor", "Normalize"}
 
 
-def test_unknown_mode_is_refused():
-    with pytest.raises(SystemExit, match="unknown mode"):
-        benchmark.parse_mode("fp16")
-    assert benchmark.parse_mode("bf16+channels_last") == {"bf16", "channels_last"}
-    assert benchmark.parse_mode("repo") == frozenset()
+def test_unknown_mode_is_refused(capsys):
+    with pytest.raises(UserError, match="unknown mode"):
+        iteration.parse_mode("fp16")
+    assert iteration.parse_mode("bf16+channels_last") == {"bf16", "channels_last"}
+    assert iteration.parse_mode("repo") == frozenset()
+    with pytest.raises(SystemExit) as refused:
+        main(["iteration", "--device", "cpu", "--modes", "repo,fp16"])
+    assert refused.value.code == 1 and capsys.readouterr().err.startswith("error: unknown mode")
+
+
+def test_flags_that_would_do_nothing_or_break_are_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["end-to-end", "--device", "cpu", "--data", str(tmp_path), "--quality", "80"])
+    assert refused.value.code == 1 and "leave them out with --data" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main(["precision", "--resolution", "48"])
+    assert refused.value.code == 2 and "48 is not a multiple of 32" in capsys.readouterr().err
 
 
 def test_three_adam_iterations_in_float64_match_the_original_training_step():
     """The whole step (loss included, computed in the logits' float64) agrees with the original's
     to float64 rounding; a float32 loss would leave ~1e-5 differences."""
     from utils import recipe
-    from utils.baseline import baseline_train_step
+    from utils.bench.baseline import baseline_train_step
     from utils.distill import DistributionLoss
     from utils.engine import train_step
 
@@ -128,8 +141,8 @@ def test_three_adam_iterations_in_float64_match_the_original_training_step():
 
 
 def test_precision_check_runs_and_fp32_matches_the_float64_reference(capsys):
-    res = benchmark.main(["--precision-check", "--device", "cpu", "--batch-size", "2", "--resolution", "32",
-                          "--steps", "2", "--num-classes", "10"])
+    res = main(["precision", "--device", "cpu", "--batch-size", "2", "--resolution", "32",
+                "--steps", "2", "--num-classes", "10"])
     out = capsys.readouterr().out
     assert "| 2 | tf32 | n/a on CPU |" in out
     rows = {r["mode"]: r for r in res["rows"]}
@@ -148,9 +161,9 @@ def test_precision_check_compares_with_a_float64_loss():
 
 
 def test_end_to_end_benchmark_runs(capsys):
-    res = benchmark.main(["--end-to-end", "--device", "cpu", "--batch-size", "2", "--input-size", "32",
-                          "--images", "6", "--image-size", "80x60", "-j", "1", "--rounds", "2",
-                          "--warmup", "1", "--num-classes", "10", "--threads", "1"])
+    res = main(["end-to-end", "--device", "cpu", "--batch-size", "2", "--input-size", "32",
+                "--images", "6", "--image-size", "80x60", "-j", "1", "--iterations", "2",
+                "--warmup", "1", "--num-classes", "10", "--threads", "1"])
     out = capsys.readouterr().out
     assert [(r["step"], r["pipeline"]) for r in res["rows"]] == [(2, "model only"), (2, "pil"), (2, "torch")]
     assert all(r["images_per_s"] > 0 for r in res["rows"])
