@@ -1,7 +1,7 @@
 """The torch data backend (utils.torch_data) against the PIL path (utils.data) on the CPU: the
-same augmentation parameters, the same pixels (after crop, resize, Lighting, flip and
-normalization: equal, at the pinned Pillow), CPU fallbacks and bad files reported instead of
-raised."""
+same augmentation parameters, the same pixels (decoded, and after crop, resize, Lighting, flip
+and normalization: equal, at the pinned Pillow), CPU fallbacks and bad files reported instead of
+raised, no deprecated torchvision decoder."""
 import io
 import os
 import shutil
@@ -9,8 +9,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torchvision.io
 import torchvision.transforms.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 from torchvision.datasets.folder import pil_loader
 
 from utils import data, torch_data
@@ -107,17 +108,22 @@ def test_worker_count_does_not_change_the_batches(root):
         assert torch.equal(a.images, b.images) and torch.equal(a.target, b.target)
 
 
-def _jpeg_bytes(mode, seed=0, size=(64, 48)):
+def _jpeg_bytes(mode, seed=0, size=(64, 48), orientation=None):
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
-    img.save(buf, "JPEG" if mode != "RGBA" else "PNG")
+    exif = Image.Exif()
+    if orientation:
+        exif[ExifTags.Base.Orientation] = orientation
+    img.save(buf, "JPEG" if mode != "RGBA" else "PNG", exif=exif)
     return buf.getvalue()
 
 
 @pytest.fixture
 def odd_root(tmp_path, root):
-    """Two good JPEGs beside files nvjpeg cannot take and files nothing can decode."""
+    """Two good JPEGs beside files nvjpeg cannot take, files TorchCodec would turn (EXIF
+    orientation 3: rotated 180 degrees, same shape; 6: rotated 90 degrees) and files nothing can
+    decode."""
     folder = tmp_path / "train" / "c0"
     folder.mkdir(parents=True)
     for name in sorted(os.listdir(os.path.join(root, "train", "class0")))[:2]:
@@ -126,6 +132,8 @@ def odd_root(tmp_path, root):
         "cmyk.JPEG": _jpeg_bytes("CMYK", 1),
         "gray.JPEG": _jpeg_bytes("L", 2),
         "png.JPEG": _jpeg_bytes("RGBA", 3),
+        "rotated180.JPEG": _jpeg_bytes("RGB", 7, orientation=3),
+        "rotated90.JPEG": _jpeg_bytes("RGB", 8, orientation=6),
         "truncated.JPEG": _jpeg_bytes("RGB", 4)[:-300],
         "random.JPEG": np.random.default_rng(5).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
     }
@@ -135,7 +143,7 @@ def odd_root(tmp_path, root):
 
 
 def test_cpu_fallbacks_and_bad_files(odd_root):
-    loader, prepare = torch_data.torch_train_loader(odd_root, 7, 0, input_size=SIZE)
+    loader, prepare = torch_data.torch_train_loader(odd_root, 9, 0, input_size=SIZE)
     pil = data.image_folder(odd_root, "train", data.train_transform(SIZE))
     loader.sampler.set_epoch(0)
     (batch,), keys = list(loader), list(loader.sampler)
@@ -145,11 +153,40 @@ def test_cpu_fallbacks_and_bad_files(odd_root):
     assert "truncated" in bad["truncated.JPEG"] and "cannot identify" in bad["random.JPEG"]
     refused, _ = pil[next(k for k in keys if pil.samples[k[0]][0].endswith("truncated.JPEG"))]
     assert isinstance(refused, data.Unreadable) and "truncated" in refused.reason  # the PIL backend too
-    assert prepare.take_counts() == {"decoded": 5, "cpu_decoded": 3, "bad": 2, "batch_decode_failures": 0}
+    assert prepare.take_counts() == {"decoded": 7, "cpu_decoded": 5, "bad": 2, "batch_decode_failures": 0}
     # The images kept are the PIL path's, in the sampler's order.
     good = [k for k in keys if not pil.samples[k[0]][0].endswith(("truncated.JPEG", "random.JPEG"))]
     assert torch.equal(b.images, torch.stack([pil[k][0] for k in good]))
-    assert torch.equal(b.target, torch.zeros(5, dtype=torch.int64))
+    assert torch.equal(b.target, torch.zeros(7, dtype=torch.int64))
+
+
+def test_decoded_pixels_are_pillows(root, odd_root):
+    """Decoding alone: every image the backend decodes on the CPU (TorchCodec's batched call for
+    3-channel JPEGs without EXIF orientation, PIL for the others) has Pillow's pixels exactly."""
+    for loader, prepare in (torch_data.torch_val_loader(root, 6, 0), torch_data.torch_train_loader(odd_root, 9, 0)):
+        (batch,) = list(loader)
+        images, reasons = prepare._decode(batch, torch.device("cpu"))
+        for path, batched, image, reason in zip(batch["paths"], batch["nvjpeg"].tolist(), images, reasons):
+            name = os.path.basename(path)
+            assert batched == name.startswith(("good_", "img_")), name
+            if name in ("truncated.JPEG", "random.JPEG"):
+                assert image is None and reason
+            else:
+                assert torch.equal(image, torch.from_numpy(np.array(pil_loader(path))).permute(2, 0, 1)), name
+
+
+@pytest.mark.filterwarnings("error")
+def test_no_deprecated_decoder(root, odd_root):
+    """The training and validation loaders, fallbacks included, with every warning an error:
+    torchvision's image decoders, deprecated since torchvision 0.29, are never called."""
+    blob = torch.frombuffer(bytearray(_jpeg_bytes("RGB")), dtype=torch.uint8)
+    with pytest.raises(DeprecationWarning, match="image decoding .* of TorchVision are deprecated"):
+        torchvision.io.decode_jpeg(blob)  # the filter does catch that warning
+    for loader, prepare in (torch_data.torch_train_loader(odd_root, 4, 0, input_size=SIZE),
+                            torch_data.torch_val_loader(root, 4, 0, input_size=SIZE)):
+        for batch in loader:
+            prepare(batch, "cpu")
+        assert prepare.take_counts()["decoded"] > 0
 
 
 def test_failed_batched_decode_keeps_the_good_images(tmp_path, root):
