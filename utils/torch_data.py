@@ -5,8 +5,8 @@ with the PIL path's own calls in its order after the same per-sample seeding
 (utils.data.SeededImageFolder): RandomResizedCrop.get_params on the lazily opened image, then
 Lighting's offset, then RandomHorizontalFlip's draw. The parameters are therefore the PIL path's
 for the same (seed, epoch, index). The training process then decodes the batch in one
-`torchvision.io.decode_jpeg` call on the device and crops, resizes, jitters, flips and normalizes
-it with batched tensor operations (`Prepare`).
+TorchCodec `decode_jpeg` call on the device (libjpeg-turbo on the CPU, nvjpeg on CUDA) and crops,
+resizes, jitters, flips and normalizes it with batched tensor operations (`Prepare`).
 
 The resize is Pillow's bilinear resampling reproduced exactly: Pillow's coefficients (computed
 the way Pillow computes them, in float64), its 22-bit fixed-point weights and integer arithmetic,
@@ -14,18 +14,19 @@ its horizontal-then-vertical order with the uint8 rounding in between. From the 
 pixels the images are the PIL path's to the bit; they differ only where the decoder does (nvjpeg
 against libjpeg-turbo on CUDA).
 
-Files nvjpeg cannot take (a JPEG that is not 3-channel YCbCr/RGB, e.g. CMYK or grayscale, one
-without its end-of-image marker, any other format) are decoded on the CPU instead
-(torchvision.io.decode_image, PIL as last resort): a truncated JPEG is refused there, as PIL
-refuses it. A file nothing decodes is left out of the batch and reported in `Batch.bad`.
+Files that batched call cannot take are decoded on the CPU by PIL, the PIL path's own decoder:
+a JPEG that is not 3-channel YCbCr/RGB (CMYK, grayscale: nvjpeg does not take them), one without
+its end-of-image marker (PIL refuses a truncated JPEG), one with an EXIF orientation (TorchCodec's
+decoders turn the image as the tag says, PIL's loader does not), any other format. A file nothing
+decodes is left out of the batch and reported in `Batch.bad`.
 """
 import io
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from PIL import ExifTags, Image, UnidentifiedImageError
+from torchcodec.decoders import decode_jpeg
 
 from .data import (IMAGENET_MEAN, IMAGENET_STD, Batch, SeededDistributedSampler, ShardSampler,
                    Unreadable, data_loader, image_folder, train_transform)
@@ -122,10 +123,20 @@ def collate_encoded(samples) -> dict:
 
 
 def _nvjpeg_can_decode(r: EncodedImage) -> bool:
-    """A 3-channel JPEG that ends with its end-of-image marker: nvjpeg does not take CMYK or
-    grayscale, and a truncated file must go where it is refused (the CPU decoders)."""
+    """A 3-channel JPEG that ends with its end-of-image marker and has no EXIF orientation: nvjpeg
+    does not take CMYK or grayscale, a truncated file must go where it is refused (PIL), and
+    TorchCodec would rotate or mirror an oriented image where the PIL path does not."""
     return (not r.error and r.image.format == "JPEG" and r.image.mode == "RGB"
-            and r.data.endswith(JPEG_EOI))
+            and r.data.endswith(JPEG_EOI) and not _exif_oriented(r.image))
+
+
+def _exif_oriented(image: Image.Image) -> bool:
+    """An orientation tag other than 1 in the header's EXIF (or XMP, which PIL reads too), or
+    EXIF that does not parse: either way PIL, which ignores it, decodes the file."""
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    except Exception:  # noqa: BLE001 -- whatever PIL cannot parse, TorchCodec may still apply
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,17 +236,11 @@ def _horizontal_then_vertical(images: list, geometry: torch.Tensor, size: int) -
 # Decoding and the batch
 
 
-def _decode_on_cpu(blob: torch.Tensor, size) -> torch.Tensor:
-    """torchvision's decoder, or PIL where it fails or disagrees with the header (PIL's message
-    is the reason when nothing decodes it, as in the PIL backend)."""
-    try:
-        image = decode_image(blob, mode=ImageReadMode.RGB)
-        if tuple(image.shape) == (3, *size):
-            return image
-    except RuntimeError:
-        pass
+def _decode_on_cpu(blob: torch.Tensor) -> torch.Tensor:
+    """PIL's decode and RGB conversion, as in the PIL path (its message is the reason when it
+    refuses the file)."""
     with Image.open(io.BytesIO(blob.numpy().tobytes())) as img:
-        return torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 class Prepare:
@@ -268,7 +273,7 @@ class Prepare:
         on_device = [i for i, ok in enumerate(batch["nvjpeg"].tolist()) if ok]
         if on_device:
             try:
-                decoded = decode_jpeg([blobs[i] for i in on_device], mode=ImageReadMode.RGB, device=device)
+                decoded = decode_jpeg([blobs[i] for i in on_device], mode="RGB", device=device)
             except RuntimeError:  # find the culprit(s): image by image
                 self.counts["batch_decode_failures"] += 1
                 decoded = [self._decode_one(blobs[i], device) for i in on_device]
@@ -278,7 +283,7 @@ class Prepare:
         for i, blob in enumerate(blobs):
             if images[i] is None and not reasons[i]:
                 try:
-                    images[i] = _decode_on_cpu(blob, sizes[i]).to(device, non_blocking=True)
+                    images[i] = _decode_on_cpu(blob).to(device, non_blocking=True)
                     self.counts["cpu_decoded"] += 1
                 except Exception as e:  # noqa: BLE001 -- an undecodable file is a bad file
                     reasons[i] = str(e) or type(e).__name__
@@ -287,7 +292,7 @@ class Prepare:
     @staticmethod
     def _decode_one(blob, device):
         try:
-            return decode_jpeg([blob], mode=ImageReadMode.RGB, device=device)[0]
+            return decode_jpeg([blob], mode="RGB", device=device)[0]
         except RuntimeError:
             return None
 
