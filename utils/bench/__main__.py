@@ -7,6 +7,7 @@ import torch
 
 from ..cli import UserError, exit_on_error
 from ..data import default_workers
+from ..precision import set_precision
 from . import end_to_end, iteration, loader, precision_check
 
 
@@ -143,9 +144,11 @@ def on_device(args, cpu, cuda):
 
 
 def set_up_torch(args):
+    """Threads, and the arithmetic training runs: TF32 off (its fp32 and bf16), cuDNN autotuning."""
     torch.set_num_threads(args.threads)
+    set_precision("fp32")
     if args.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as training has it
+        torch.backends.cudnn.benchmark = True
 
 
 def print_and_save(res: dict, table: str, json_path: str | None) -> dict:
@@ -193,6 +196,7 @@ def end_to_end_command(args) -> dict:
 
 def memory_probe_command(args) -> dict:
     torch.set_num_threads(args.threads)
+    set_precision("fp32")
     return iteration.print_memory_probe(args)
 
 
