@@ -204,8 +204,8 @@ def write_results(out: str, rows: list[dict], settings: dict, plots: list[str]) 
     lines = [
         "# AdamBNN's analysis at small scale: results",
         "",
-        "Written by `python -m utils.analysis.findings` (definitions and discussion: "
-        "[../README.md](../README.md)).",
+        "Written by `python -m utils.analysis.findings` (definitions and discussion: the "
+        "repository's docs/analysis.md).",
         "",
         "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".",
         "",
@@ -216,7 +216,7 @@ def write_results(out: str, rows: list[dict], settings: dict, plots: list[str]) 
         "measured iterations, the p90/p10 spreads their geometric means; C2I and |W|>1 are at "
         "the end of the run. C2I is measured against the run's starting weights (step 1: the initialization, "
         "step 2: the step-1 model). Weight statistics leave out the kernel taps that see only "
-        "zero padding at 32x32 (see the README).",
+        "zero padding at 32x32 (see docs/analysis.md).",
     ]
     if plots:
         lines += ["", *[f"![{os.path.splitext(p)[0]}]({p})" for p in plots]]

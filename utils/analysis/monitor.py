@@ -1,4 +1,4 @@
-"""Measurements of the AdamBNN paper, taken during training (definitions: utils/analysis/README.md).
+"""Measurements of the AdamBNN paper, taken during training (definitions: docs/analysis.md).
 
 `TrainingMonitor` watches the binary convolutions (`models.binary.BinaryConv2d`) of the student:
 their latent weights W, the gradients, the optimizer's effective step, and the inputs of their
