@@ -8,6 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from utils.cli import UserError
 from utils.demo import digits
 
 
@@ -44,12 +45,12 @@ def test_export_is_idempotent_and_refuses_foreign_folders(exported, tmp_path):
     mtime = os.stat(some).st_mtime_ns
     assert digits.export(str(exported), verbose=False) is False  # complete: left as it is
     assert os.stat(some).st_mtime_ns == mtime
-    with pytest.raises(SystemExit, match="not a complete export"):
+    with pytest.raises(UserError, match="not a complete digits export"):
         digits.export(str(exported), size=16, verbose=False)  # other settings: not overwritten
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(SystemExit, match="not a complete export"):
+    with pytest.raises(UserError, match="not a complete digits export"):
         digits.export(str(foreign), verbose=False)
     assert (foreign / "notes.txt").read_text() == "keep me"
 

@@ -139,8 +139,8 @@ def plot_surface(result: dict, path: str, title: str, vmax: float | None = None)
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SystemExit("the plot needs matplotlib, an optional extra of the analysis tools: "
-                         "pip install matplotlib (the .npz grid was written without it)") from None
+        raise UserError("the plot needs matplotlib, an optional extra of the analysis tools: "
+                        "pip install matplotlib (the .npz grid was written without it)") from None
     a, b, loss = result["a"], result["b"], np.asarray(result["loss"])
     A, B = np.meshgrid(a, b, indexing="ij")
     shown = np.minimum(loss, vmax) if vmax is not None else loss
@@ -215,21 +215,12 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    from utils.checkpoint import CheckpointError
-    from utils.data import DataError
-
-    try:
+    with exit_on_error():
         model, step, fmt, ckpt_size = build_model(args.checkpoint, args.step)
         input_size = args.input_size or ckpt_size or 224
-        images, labels, classes = load_subset(args.data, args.split, input_size, args.subset,
-                                              args.seed)
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if model.fc.out_features != len(classes):
-        print(f"error: the checkpoint has {model.fc.out_features} classes, {args.data} has "
-              f"{len(classes)}", file=sys.stderr)
-        sys.exit(1)
+        images, labels, classes = load_subset(args.data, args.split, input_size, args.subset, args.seed)
+        if model.fc.out_features != len(classes):
+            raise UserError(f"the checkpoint has {model.fc.out_features} classes, {args.data} has {len(classes)}")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    f"landscape_step{step}")
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)

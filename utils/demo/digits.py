@@ -21,6 +21,8 @@ import shutil
 import sys
 import time
 
+from ..cli import UserError, exit_on_error
+
 __all__ = ["export", "train_teacher", "main", "MANIFEST", "CLASSES"]
 
 MANIFEST = "digits_export.json"
@@ -81,9 +83,8 @@ def export(out: str, size: int = 32, val_fraction: float = 0.2, seed: int = 0,
             print(f"digits: {out} is already a complete export, nothing to do")
         return False
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-        raise SystemExit(f"digits: {out} exists but is not a complete export with these settings "
-                         f"(size {size}, val fraction {val_fraction}, seed {seed}); remove it or "
-                         f"choose another --out")
+        raise UserError(f"{out} exists but is not a complete digits export with these settings (size "
+                        f"{size}, val fraction {val_fraction}, seed {seed}): remove it or choose another --out")
 
     partial = out + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # left over by an interrupted export
@@ -191,16 +192,12 @@ def main(argv=None):
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--results-file", default=None, help="append a JSON line with the val accuracy")
     args = parser.parse_args(argv)
-    if args.command == "export":
-        export(args.out, args.size, args.val_fraction, args.seed)
-        return 0
-    from ..data import DataError
-    try:
-        train_teacher(args.data, args.out, args.epochs, args.batch_size, args.learning_rate,
-                      args.input_size, args.crop_scale, args.seed, args.workers,
-                      args.results_file)
-    except DataError as e:
-        raise SystemExit(f"error: {e} (make it with: python -m utils.demo.digits export --out DIR)")
+    with exit_on_error():
+        if args.command == "export":
+            export(args.out, args.size, args.val_fraction, args.seed)
+        else:
+            train_teacher(args.data, args.out, args.epochs, args.batch_size, args.learning_rate,
+                          args.input_size, args.crop_scale, args.seed, args.workers, args.results_file)
     return 0
 
 
