@@ -46,7 +46,7 @@ def test_only_rank0_prints_and_writes(ddp_run):
     assert p.stdout.count("=> data ") == 1 and "2 process(es) x batch 2" in p.stdout
     assert len(re.findall(r"^Epoch: \[0\]\[0/3\]", p.stdout, re.M)) == 1
     assert sorted(os.listdir(root / "save")) == ["args.json", "checkpoint.pth.tar", "log.jsonl", "log.txt",
-                                                  "model_best.pth.tar", "tensorboard"]
+                                                  "model_best.pth.tar", "run.lock", "tensorboard"]
     assert len(os.listdir(root / "save" / "tensorboard")) == 1
     assert len(open(root / "save" / "log.jsonl").readlines()) == 2
     assert json.load(open(root / "save" / "args.json"))["world_size"] == 2

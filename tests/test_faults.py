@@ -180,9 +180,9 @@ def test_flags_checked_before_anything_is_loaded(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("")
     for flags, message in [(["--input-size", "40"], "--input-size 40 is not a multiple of 32"),
-                           (["--learning_rate", "-1"], "--learning_rate -1.0 must be positive"),
+                           (["--learning_rate", "-1"], "--learning_rate -1.0 must be a number, not negative"),
                            (["--save", str(a_file / "sub")], f"{a_file} is not a folder"),
-                           (["--skip-bad-images", "-1"], "--skip-bad-images must be 0 or more")]:
+                           (["--skip-bad-images", "-1"], "--skip-bad-images must be at least 0, got -1")]:
         with pytest.raises(SystemExit):
             train.main(["--step", "1", "--data", nowhere, "--save", str(tmp_path / "s"), *flags])
         err = capsys.readouterr().err.strip()
