@@ -21,7 +21,7 @@ def acc1_of(stdout):
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     # 6 train images: batches of 4 and 2; 9 val images.
-    data = make_image_folder(root / "data", classes=3, train_per_class=2, val_per_class=3)
+    make_image_folder(root / "data", classes=3, train_per_class=2, val_per_class=3)
     teacher = make_teacher(root / "teacher.pth", num_classes=3)
     # Step 1 from a user's own folder with relative paths; 2 epochs so that the first trains at lr > 0.
     s1 = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)

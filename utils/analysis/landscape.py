@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from utils.cli import UserError, exit_on_error
 
 __all__ = ["filter_normalized_direction", "loss_surface", "surface_stats", "load_subset",
            "plot_surface", "main"]
