@@ -7,7 +7,8 @@
 #    8x8 images, 10 classes) once to demo_output/data/{train,val}/<class>/*.png (32x32 RGB);
 # 2. trains the teacher, a torchvision ResNet-34 (random init), with labels on them;
 # 3. step 1 (bash step1/run.sh), 4. step 2 (bash step2/run.sh) from step 1's model_best.pth.tar,
-# 5. evaluates step 2's model_best.pth.tar with evaluate.py;
+# 5. evaluates step 2's model_best.pth.tar with evaluate.py, 6. exports it as the 1-bit network
+# (python -m utils.export) and evaluates that file too;
 # and prints each stage's val accuracy and the times. Steps 1 and 2 and the evaluation go through
 # the very entry points used on ImageNet with the published recipe (Adam, lr 1.25e-3, weight
 # decay 5e-6 / 0, linear schedule, distillation loss, the original transforms); only the data,
@@ -80,10 +81,16 @@ bash "$ROOT/step2/run.sh" "${COMMON[@]}" --epochs "$EPOCHS2" --save "$OUT/step2"
 took "step 2"
 
 stage "evaluate step 2's model_best.pth.tar (python evaluate.py)"
-rm -f "$OUT/evaluate.jsonl"
+rm -f "$OUT/evaluate.jsonl" "$OUT/evaluate_1bit.jsonl"
 "$PYTHON" "$ROOT/evaluate.py" --checkpoint "$OUT/step2/model_best.pth.tar" --data "$DATA" \
-    --input-size "$INPUT_SIZE" --results-file "$OUT/evaluate.jsonl"
+    --results-file "$OUT/evaluate.jsonl"
 took evaluation
+
+stage "export the 1-bit network (python -m utils.export) and evaluate it"
+"$PYTHON" -m utils.export --checkpoint "$OUT/step2/model_best.pth.tar" --out "$OUT/step2/reactnet_a_1bit.pt"
+"$PYTHON" "$ROOT/evaluate.py" --checkpoint "$OUT/step2/reactnet_a_1bit.pt" --data "$DATA" \
+    --results-file "$OUT/evaluate_1bit.jsonl"
+took "1-bit export"
 
 echo
 echo "=== demo: summary (val top-1 on $DATA/val) ==="
@@ -102,6 +109,8 @@ for step, what in ((1, "binary activations"), (2, "binary weights and activation
                  rec["best_top1"], None))
 ev = last(os.path.join(out, "evaluate.jsonl"))
 rows.append(("evaluate.py, step 2 model_best.pth.tar", ev["top1"], ev["top5"]))
+ev = last(os.path.join(out, "evaluate_1bit.jsonl"))
+rows.append(("evaluate.py, the exported 1-bit network", ev["top1"], ev["top5"]))
 for name, top1, top5 in rows:
     print(f"{name:<68} Acc@1 {top1:7.3f}" + (f"  Acc@5 {top5:7.3f}" if top5 is not None else ""))
 EOF
