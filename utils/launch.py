@@ -38,8 +38,8 @@ def children() -> list:
 
 
 def pass_on_stop_signals() -> list:
-    """Workers run in sessions of their own, so that a terminal's Ctrl-C reaches only this
-    process: hand each stop signal on to them (SIGKILL from the second one on), also to workers
+    """torchrun starts its workers detached from the terminal (setsid), so that a terminal's Ctrl-C
+    reaches only this process: hand each stop signal on to them (SIGKILL from the second one on), also to workers
     that start within the next 30 s. Returns the list the received signals are appended to."""
     received = []
 

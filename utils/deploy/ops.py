@@ -1,6 +1,6 @@
 """Count BOPs, FLOPs and OPs the way the ReActNet / AdamBNN papers do, on a real forward pass.
 
-Convention (the authors' answers, ReActNet issues 19 and 23): multiply-accumulates per image,
+Convention (the authors' answers, ReActNet issues #19 and #23): multiply-accumulates per image,
 Cin*Cout*Hout*Wout*k*k/groups for a conv and in*out for a linear layer; BN, PReLU, biases and
 pooling are not counted. A conv with binary weights and binary inputs (`BinaryConv2d` with
 `binary_weights=True`, step 2) counts as BOPs; every other conv and linear layer counts as FLOPs;
