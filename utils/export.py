@@ -35,6 +35,7 @@ from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
                               is_packed, load_weights, read_checkpoint)
 from utils.data import DataError
+from utils.deploy import kernel
 
 __all__ = [
     "FORMAT", "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
@@ -131,6 +132,8 @@ class PackedBinaryConv2d(nn.Module):
         return self.weight_bits.shape[0] * (self.in_channels * self.kernel_size ** 2 + 2)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        if kernel.applies(self, u):  # the C++ kernel: the same values, several times faster
+            return kernel.binary_conv(self, u)
         n, _, h, w = u.shape
         k, stride, pad = self.kernel_size, self.stride, self.padding
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
