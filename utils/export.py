@@ -10,11 +10,14 @@ from two bit-planes of the input, "nonzero" (m) and "positive" (p), and the weig
 so a padded tap (m = 0, the float network pads sign(u) with 0) and an input exactly 0
 (sign(0) = 0) contribute 0, as they do in the float network. Everything else of the network
 (the real-valued stem and fc, the `move*` biases, PReLU, the shortcuts) is the float network's
-own modules and forward, in float.
+own modules, in float. On the CPU, in float32, a C++ kernel (utils/deploy) runs the binary convs
+and the blocks' float parts with the same values, several times faster; elsewhere, or without a
+C++ compiler, the pure PyTorch forward does.
 
     python -m utils.export --checkpoint step2/output/model_best.pth.tar --out reactnet_a_1bit.pt
     python -m utils.export --checkpoint CKPT --out FILE --verify DIR [--input-size 32]
     python -m utils.export --benchmark [--checkpoint CKPT] [--input-size 224] [--batch-sizes 1 64]
+                           [--threads 1 N] [--rounds 5] [--kernel PATH] [--no-layers]
 
 A packed file is a dict read with `torch.load(weights_only=True)` (nothing in it runs when it is
 read): {'format': FORMAT, 'version': VERSION, 'arch': 'reactnet_a', 'num_classes', 'state_dict'}.
@@ -22,24 +25,27 @@ read): {'format': FORMAT, 'version': VERSION, 'arch': 'reactnet_a', 'num_classes
 import argparse
 import copy
 import os
+import statistics
 import sys
 import time
 from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models import reactnet_a
-from models.binary import BinaryConv2d
+from models.binary import BinaryConv2d, BinaryWeight
 from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
                               is_packed, load_weights, read_checkpoint)
 from utils.data import DataError
 from utils.deploy import kernel
+from utils.deploy.block import PackedBlock
 
 __all__ = [
     "FORMAT", "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
-    "load_packed", "verify", "benchmark",
+    "load_packed", "verify", "benchmark", "layer_benchmark",
 ]
 
 FORMAT = PACKED_FORMAT
@@ -131,9 +137,10 @@ class PackedBinaryConv2d(nn.Module):
         """Parameters of the binary conv and BatchNorm this layer stands for: W, gamma and beta."""
         return self.weight_bits.shape[0] * (self.in_channels * self.kernel_size ** 2 + 2)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, fused=None) -> torch.Tensor:
+        """`fused` (utils.deploy.block, where kernel.applies): the block's float parts the kernel does too."""
         if kernel.applies(self, u):  # the C++ kernel: the same values, several times faster
-            return kernel.binary_conv(self, u)
+            return kernel.binary_conv(self, u, fused)
         n, _, h, w = u.shape
         k, stride, pad = self.kernel_size, self.stride, self.padding
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
@@ -174,9 +181,11 @@ class PackedBinaryConv2d(nn.Module):
 
 def _swap(model: nn.Module, make) -> nn.Module:
     """Replace each block's binary conv by `make(block, conv name, bn name)` and its BatchNorm by
-    Identity: the block's own forward then runs the packed conv in their place."""
+    Identity: the block's forward then runs the packed conv in their place (PackedBlock: the same
+    modules and names, its float parts fused into the kernel's calls where it runs)."""
     for block in model.modules():
         if isinstance(block, BasicBlock):
+            block.__class__ = PackedBlock
             for conv_name, bn_name in CONV_BN:
                 if hasattr(block, conv_name):
                     setattr(block, conv_name, make(block, conv_name, bn_name))
@@ -311,25 +320,105 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
             "float_top1": 100 * correct[0] / count, "packed_top1": 100 * correct[1] / count}
 
 
-def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int):
-    """Yield (model name, batch size, median ms per image) for the float step-2 `model` and its
-    packed form, per batch size."""
+def _medians(calls, rounds: int, device) -> list:
+    """Median seconds of each of `calls` over `rounds` rounds, after a warm-up round; within a round
+    the calls alternate, so that a change of load hits them alike."""
+    times = [[] for _ in calls]
+    with torch.no_grad():
+        for _ in range(rounds + 1):
+            for call, spent in zip(calls, times):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(t[1:]) for t in times]
+
+
+def _per_thread_count(threads, measure) -> list:
+    """[measure() with torch using n threads, for n in `threads`]; torch's setting is restored."""
+    before = torch.get_num_threads()
+    try:
+        return [(torch.set_num_threads(n), measure())[1] for n in threads]
+    finally:
+        torch.set_num_threads(before)
+
+
+def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int, threads):
+    """Yield (batch size, [(float, packed) median ms per image, for each thread count of `threads`])
+    for the float step-2 `model` and its packed form, timed alternately."""
     float_model = model.eval().to(device)
     packed = pack_model(copy.deepcopy(model)).to(device)
     for batch in batch_sizes:
         x = torch.randn(batch, 3, input_size, input_size, device=device)
-        for name, net in (("float", float_model), ("packed", packed)):
-            times = []
-            with torch.no_grad():
-                for _ in range(rounds + 1):  # the first is a warm-up
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    net(x)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times.append(time.perf_counter() - start)
-            yield name, batch, 1e3 * sorted(times[1:])[len(times[1:]) // 2] / batch
+        yield batch, _per_thread_count(threads, lambda: tuple(
+            1e3 * t / batch for t in _medians((lambda: float_model(x), lambda: packed(x)), rounds, device)))
+
+
+def layer_benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int, threads, count: int = 4):
+    """Yield (layer, batch size, [(float, packed) median ms, for each thread count of `threads`]) for
+    the `count` binary convs of the step-2 `model` with the most multiply-accumulates at `input_size`
+    (one of each shape), alone: the float conv of sign(u) with alpha * sign(W) (F.conv2d, NCHW as in
+    the float network; sign(u) and the weight made beforehand) against the packed conv of u (its
+    packing, the conv, scale and shift; channels last as in the packed network)."""
+    layers = {}  # "3x3 512->512 14x14": (a conv of that shape, its input's height and width), in network order
+
+    def record(conv, inputs, _):
+        (h, w), k, stride = inputs[0].shape[2:], conv.kernel_size[0], conv.stride[0]
+        name = f"{k}x{k} {conv.in_channels}->{conv.out_channels} {h}x{w}" + (f" stride {stride}" if stride > 1 else "")
+        layers.setdefault(name, (conv, h, w))
+
+    def macs(name):
+        conv, h, w = layers[name]
+        k, stride = conv.kernel_size[0], conv.stride[0]
+        outputs = ((h - 1) // stride + 1) * ((w - 1) // stride + 1)  # padding k // 2
+        return conv.in_channels * conv.out_channels * k * k * outputs
+
+    hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, BinaryConv2d)]
+    with torch.no_grad():
+        model.eval().to(device)(torch.zeros(1, 3, input_size, input_size, device=device))
+    for h in hooks:
+        h.remove()
+    for name in sorted(layers, key=macs, reverse=True)[:count]:  # sorted is stable: ties in network order
+        conv, h, w = layers[name]
+        with torch.no_grad():
+            weight = BinaryWeight.apply(conv.weight)
+        packed = PackedBinaryConv2d.fold(conv, nn.BatchNorm2d(conv.out_channels, device=device).eval())
+        for batch in batch_sizes:
+            u = torch.randn(batch, conv.in_channels, h, w, device=device)
+            sign, u_last = torch.sign(u), u.contiguous(memory_format=torch.channels_last)
+            yield name, batch, _per_thread_count(threads, lambda: tuple(1e3 * t for t in _medians(
+                (lambda: F.conv2d(sign, weight, None, conv.stride, conv.padding), lambda: packed(u_last)),
+                rounds, device)))
+
+
+def _print_rows(label: str, cells, path: str):
+    """A float row and a packed row: ms per thread count, the packed one with its speed-up and path."""
+    print(f"{'float':<8} {label} " + " | ".join(f"{f:9.2f}{'':9}" for f, _ in cells).rstrip())
+    print(f"{'packed':<8} {label} " + " | ".join(f"{p:9.2f} ({f / p:5.1f}x)" for f, p in cells) + f"  {path}",
+          flush=True)
+
+
+def _run_benchmark(args, size: int):
+    from utils.benchmark import cpu_name, load_average
+    model = load_step2(args.checkpoint) if args.checkpoint else reactnet_a(binary_weights=True)
+    device = torch.device(args.device)
+    threads = args.threads or sorted({1, torch.get_num_threads()})
+    path = kernel.active() if device.type == "cpu" else kernel.PURE
+    columns = " | ".join(f"{n} thread{'s' * (n > 1)}" for n in threads)
+    machine = f"{cpu_name()} ({' '.join(kernel.cpu_flags()) or 'no AVX2'}), {os.cpu_count()} CPUs"
+    print(f"ReActNet-A step 2, {size}x{size}, {args.device}: {machine}, load average {load_average()}; ms per image, "
+          f"median of {args.rounds} rounds alternating float and packed, at {columns}; packed: speed-up, path")
+    for batch, cells in benchmark(model, args.batch_sizes, size, device, args.rounds, threads):
+        _print_rows(f"batch {batch:>4}", cells, path)
+    if args.layers if args.layers is not None else size == 224:
+        print(f"largest binary convs alone, ms, median of {args.rounds} rounds alternating, at {columns} "
+              f"(float: F.conv2d of sign(u) and alpha * sign(W); packed: sign packing, conv, scale and shift); "
+              f"load average {load_average()}")
+        for name, batch, cells in layer_benchmark(model, args.batch_sizes, size, device, args.rounds, threads):
+            _print_rows(f"{name:<24} batch {batch:>4}", cells, path)
 
 
 def main(argv=None):
@@ -342,22 +431,28 @@ def main(argv=None):
     p.add_argument("--benchmark", action="store_true",
                    help="time the float and packed models (weights of --checkpoint, else random)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="--benchmark batch sizes")
-    p.add_argument("--rounds", type=int, default=3, help="--benchmark: timed forward passes per row (median)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--benchmark: timed rounds, float and packed alternating (median)")
     p.add_argument("--device", default="cpu", help="--benchmark device")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="torch CPU threads (default: torch's); --benchmark times each (default: 1 and torch's)")
+    p.add_argument("--kernel", choices=[*kernel.PATHS, kernel.PURE],
+                   help="--benchmark: the packed network's CPU path (default: the best this CPU runs)")
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="--benchmark: also time the largest binary convs alone (default: at 224x224)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads and not args.benchmark:
+        if len(args.threads) > 1:
+            p.error("one --threads value, except with --benchmark")
+        torch.set_num_threads(args.threads[0])
     size = args.input_size
     try:
         if args.benchmark:
-            model = load_step2(args.checkpoint) if args.checkpoint else reactnet_a(binary_weights=True)
-            device = torch.device(args.device)
-            print(f"ReActNet-A step 2, {size}x{size}, {args.device}, {torch.get_num_threads()} thread(s), "
-                  f"median of {args.rounds}; ms per image")
-            for name, batch, ms in benchmark(model, args.batch_sizes, size, device, args.rounds):
-                print(f"{name:<8} batch {batch:>4}  {ms:10.1f} ms/image", flush=True)
-            return
+            try:
+                kernel.select(args.kernel)
+            except ValueError as e:
+                p.error(str(e))
+            return _run_benchmark(args, size)
         if not (args.checkpoint and args.out):
             p.error("exporting needs --checkpoint and --out (or pass --benchmark)")
         packed = export(args.checkpoint, args.out)

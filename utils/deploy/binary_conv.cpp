@@ -1,13 +1,17 @@
-// The binary convolution of utils.export's PackedBinaryConv2d on the CPU, in plain C++ (no torch
+// The binary convolutions of the packed ReActNet-A (utils.export) on the CPU, in plain C++ (no torch
 // headers: it compiles in seconds), called through ctypes by utils/deploy/kernel.py.
 //
 // Activations are packed per pixel, channels last, into two bit-planes per 64 channels:
 // m (nonzero) and p (positive), in `planes` [n][h + 2 pad][w + 2 pad][words][2] with a zero border,
 // so a padded tap has m = 0 and contributes nothing. A conv output is
 //     s = popcount(m) - 2 popcount(m & (p xor q))   over its taps' words,
-// q the weight sign bits, plus the exact correction for the weights that are exactly 0, and then
-// y = fma(float(s), scale, shift), one rounding, as torch.addcmul on the CPU: the same floats as the
-// pure path.
+// q the weight sign bits, plus the exact correction for the weights that are exactly 0; then
+// y = fma(float(s), scale, shift), one rounding, as torch.addcmul on the CPU.
+//
+// A call can also do a block's float parts (models.reactnet.BasicBlock): the bias added before the
+// sign, and y = prelu(y + residual + bias, slope) + bias_out, and pack sign(y + next_bias) for the
+// next 1x1 conv; each is the same float32 operation, in the same order, as PyTorch's (built with
+// -ffp-contract=off: no multiply-add is fused that PyTorch rounds twice), so the values are the same.
 //
 // Weights come in blocks of OB output channels, [out / OB][taps * words][OB]: one word of one tap
 // for OB consecutive outputs is contiguous, so a vector of outputs is one load and each input word
@@ -32,23 +36,98 @@
 #define BC_SCALAR_CLONES
 #endif
 #define BC_INLINE inline __attribute__((always_inline))
+#define BC_AVX512 "avx512f,avx512dq,avx512vl,avx512bw,avx512vpopcntdq,fma,popcnt"
+
+extern "C" {
+// One conv call; utils/deploy/kernel.py's ConvArgs mirrors it field by field. Null pointers skip
+// the float parts.
+struct bc_conv_args {
+    const int64_t* planes;  // [n][hp][wp][words][2]
+    int64_t n, hp, wp, words, k, stride, ho, wo;
+    const int64_t* weights;  // [out / OB][k * k * words][OB]
+    int64_t out;
+    const float* scale;   // [out rounded up to OB]
+    const float* shift;
+    const int64_t* zeros;  // [nzeros][2]: (output channel, bit index in its weight row)
+    int64_t nzeros;
+    const float* residual;  // [pixels][residual_stride], its first `out` channels
+    int64_t residual_stride;
+    const float* bias;  // [out] each
+    const float* slope;
+    const float* bias_out;
+    float* y;  // [pixels][y_stride], its first `out` channels
+    int64_t y_stride;
+    const float* next_bias;  // with next_planes: sign(y + next_bias) packed into
+    int64_t* next_planes;    // [pixels][words of out][2]
+};
+}
 
 namespace {
 
 constexpr int OB = 32;  // output channels per weight block; utils/deploy/kernel.py pads to it
 
-struct Conv {
-    const int64_t* planes;
-    int64_t hp, wp, words, ho, wo, stride;
+struct Conv : bc_conv_args {
     std::vector<int64_t> taps;  // offset of each tap (dy, dx) from a pixel's first word, in words
-    const int64_t* weights;     // [out / OB][taps * words][OB]
-    int64_t out, blocks, pixels;
-    const float* scale;         // [blocks * OB]
-    const float* shift;
-    const int64_t* zeros;       // [nzeros][2]: (output channel, bit index in its weight row)
-    int64_t nzeros;
-    float* y;                   // [pixels][out]
+    int64_t blocks, pixels, next_words;
 };
+
+// ---- packing: m = u + bias != 0 (NaN too, as in the pure path), p = u + bias > 0 ----
+
+// One pixel's channels -> its words (m, p); not inlined across targets, so callable from any path.
+using PackPixel = void (*)(const float* u, const float* bias, int64_t channels, int64_t* out);
+
+void pack_pixel_scalar(const float* u, const float* bias, int64_t channels, int64_t* out) {
+    for (int64_t w = 0; w < (channels + 63) / 64; ++w) {
+        uint64_t m = 0, p = 0;
+        const int64_t n = std::min<int64_t>(64, channels - 64 * w);
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = bias ? u[64 * w + i] + bias[64 * w + i] : u[64 * w + i];
+            m |= (uint64_t)(v != 0) << i;
+            p |= (uint64_t)(v > 0) << i;
+        }
+        out[2 * w] = (int64_t)m;
+        out[2 * w + 1] = (int64_t)p;
+    }
+}
+
+#if BC_X86
+BC_TARGET("avx2") void pack_pixel_avx2(const float* u, const float* bias, int64_t channels, int64_t* out) {
+    if (channels % 8) return pack_pixel_scalar(u, bias, channels, out);
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t w = 0; w < (channels + 63) / 64; ++w) {
+        uint64_t m = 0, p = 0;
+        for (int g = 0; g < 8 && 64 * w + 8 * g < channels; ++g) {
+            const int64_t i = 64 * w + 8 * g;
+            __m256 v = _mm256_loadu_ps(u + i);
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + i));
+            m |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) << (8 * g);
+            p |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)) << (8 * g);
+        }
+        out[2 * w] = (int64_t)m;
+        out[2 * w + 1] = (int64_t)p;
+    }
+}
+
+BC_TARGET(BC_AVX512) void pack_pixel_avx512(const float* u, const float* bias, int64_t channels, int64_t* out) {
+    const __m512 zero = _mm512_setzero_ps();
+    for (int64_t w = 0; w < (channels + 63) / 64; ++w) {
+        uint64_t m = 0, p = 0;
+        for (int g = 0; g < 4; ++g) {
+            const int64_t i = 64 * w + 16 * g, n = channels - i;
+            if (n <= 0) break;
+            const __mmask16 valid = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(valid, u + i);
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, bias + i));
+            m |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NEQ_UQ) << (16 * g);
+            p |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_GT_OQ) << (16 * g);
+        }
+        out[2 * w] = (int64_t)m;
+        out[2 * w + 1] = (int64_t)p;
+    }
+}
+#endif
+
+// ---- the conv: shared parts ----
 
 BC_INLINE int64_t popcount_m(const Conv& c, const int64_t* px) {
     int64_t n = 0;
@@ -101,16 +180,32 @@ BC_INLINE void gather(const Conv& c, Cursor& at, int64_t valid, const int64_t* p
     }
 }
 
-// s -> fma(float(s), scale, shift) for the valid outputs of one pixel and block.
-BC_INLINE void store_scalar(const Conv& c, int64_t pixel, int64_t block, const int64_t* s) {
+// The outputs of one pixel and block from s: y = fma(s, scale, shift), then the float parts.
+BC_INLINE void finish_scalar(const Conv& c, int64_t pixel, int64_t block, const int64_t* s) {
     const int64_t base = block * OB, n = std::min<int64_t>(OB, c.out - base);
-    float* y = c.y + pixel * c.out + base;
-    for (int64_t o = 0; o < n; ++o) y[o] = __builtin_fmaf((float)s[o], c.scale[base + o], c.shift[base + o]);
+    const float* res = c.residual ? c.residual + pixel * c.residual_stride + base : nullptr;
+    float* y = c.y + pixel * c.y_stride + base;
+    for (int64_t o = 0; o < n; ++o) {
+        float v = __builtin_fmaf((float)s[o], c.scale[base + o], c.shift[base + o]);
+        if (res) v = v + res[o];
+        if (c.bias) v = v + c.bias[base + o];
+        if (c.slope) v = v > 0 ? v : v * c.slope[base + o];
+        if (c.bias_out) v = v + c.bias_out[base + o];
+        y[o] = v;
+    }
+}
+
+// Packs sign(y + next_bias) of `count` pixels from `first` (their outputs all written).
+template <PackPixel pack_pixel>
+void pack_next(const Conv& c, int64_t first, int64_t count) {
+    for (int64_t i = first; c.next_planes && i < first + count; ++i)
+        pack_pixel(c.y + i * c.y_stride, c.next_bias, c.out, c.next_planes + i * c.next_words * 2);
 }
 
 // ---- scalar ----
 
 BC_SCALAR_CLONES void conv_rows_scalar(const Conv& c, int64_t first, int64_t last) {
+    const int64_t K = (int64_t)c.taps.size() * c.words;
     Cursor at(c, first);
     for (int64_t i = first; i < last; ++i) {
         const int64_t* px[1];
@@ -118,7 +213,7 @@ BC_SCALAR_CLONES void conv_rows_scalar(const Conv& c, int64_t first, int64_t las
         gather<1>(c, at, 1, px, pm);
         for (int64_t b = 0; b < c.blocks; ++b) {
             int64_t acc[OB] = {0};
-            const int64_t* wq = c.weights + b * (int64_t)c.taps.size() * c.words * OB;
+            const int64_t* wq = c.weights + b * K * OB;
             for (int64_t off : c.taps)
                 for (int64_t w = 0; w < c.words; ++w, wq += OB) {
                     const uint64_t m = px[0][off + 2 * w], p = px[0][off + 2 * w + 1];
@@ -126,8 +221,9 @@ BC_SCALAR_CLONES void conv_rows_scalar(const Conv& c, int64_t first, int64_t las
                 }
             for (int o = 0; o < OB; ++o) acc[o] = pm[0] - 2 * acc[o];
             correct_zero_weights(c, px[0], b, acc);
-            store_scalar(c, i, b, acc);
+            finish_scalar(c, i, b, acc);
         }
+        pack_next<pack_pixel_scalar>(c, i, 1);
     }
 }
 
@@ -151,7 +247,8 @@ BC_TARGET("avx2,fma,popcnt") void conv_rows_avx2(const Conv& c, int64_t first, i
     for (int64_t i0 = first; i0 < last; i0 += R) {
         const int64_t* px[R];
         int64_t pm[R];
-        gather<R>(c, at, last - i0, px, pm);
+        const int64_t valid = std::min<int64_t>(R, last - i0);
+        gather<R>(c, at, valid, px, pm);
         for (int64_t b = 0; b < c.blocks; ++b) {
             __m256i acc[R][V];
             for (int r = 0; r < R; ++r)
@@ -168,30 +265,32 @@ BC_TARGET("avx2,fma,popcnt") void conv_rows_avx2(const Conv& c, int64_t first, i
                                 acc[r][v], popcount256(_mm256_and_si256(_mm256_xor_si256(p, q), m)));
                         }
                     }
-            for (int r = 0; r < R && i0 + r < last; ++r) {
+            for (int r = 0; r < valid; ++r) {
                 alignas(32) int64_t s[OB];
-                const __m256i base = _mm256_set1_epi64x(pm[r]);
+                const __m256i count = _mm256_set1_epi64x(pm[r]);
                 for (int v = 0; v < V; ++v)
-                    _mm256_store_si256((__m256i*)(s + 4 * v), _mm256_sub_epi64(base, _mm256_add_epi64(acc[r][v], acc[r][v])));
+                    _mm256_store_si256((__m256i*)(s + 4 * v),
+                                       _mm256_sub_epi64(count, _mm256_add_epi64(acc[r][v], acc[r][v])));
                 correct_zero_weights(c, px[r], b, s);
-                store_scalar(c, i0 + r, b, s);
+                finish_scalar(c, i0 + r, b, s);
             }
         }
+        pack_next<pack_pixel_avx2>(c, i0, valid);
     }
 }
 
 // ---- AVX-512 VPOPCNTDQ: (p xor q) and m in one vpternlogq, then vpopcntq ----
 
-#define BC_AVX512 "avx512f,avx512dq,avx512vl,avx512bw,avx512vpopcntdq,fma,popcnt"
-
 BC_TARGET(BC_AVX512) void conv_rows_avx512(const Conv& c, int64_t first, int64_t last) {
     constexpr int R = 4, V = OB / 8;  // 4 pixels x 4 vectors of 8 outputs: 16 accumulators
     const int64_t K = (int64_t)c.taps.size() * c.words;
+    const __m256 zero = _mm256_setzero_ps();
     Cursor at(c, first);
     for (int64_t i0 = first; i0 < last; i0 += R) {
         const int64_t* px[R];
         int64_t pm[R];
-        gather<R>(c, at, last - i0, px, pm);
+        const int64_t valid = std::min<int64_t>(R, last - i0);
+        gather<R>(c, at, valid, px, pm);
         for (int64_t b = 0; b < c.blocks; ++b) {
             __m512i acc[R][V];
             for (int r = 0; r < R; ++r)
@@ -209,80 +308,42 @@ BC_TARGET(BC_AVX512) void conv_rows_avx512(const Conv& c, int64_t first, int64_t
                                 acc[r][v], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(p, q[v], m, 0x28)));
                     }
                 }
-            const int64_t base = b * OB, valid = std::min<int64_t>(OB, c.out - base);
-            for (int r = 0; r < R && i0 + r < last; ++r) {
+            const int64_t base = b * OB, outputs = std::min<int64_t>(OB, c.out - base);
+            for (int r = 0; r < valid; ++r) {
                 alignas(64) int64_t s[OB];
                 const __m512i count = _mm512_set1_epi64(pm[r]);
                 for (int v = 0; v < V; ++v)
                     _mm512_store_si512(s + 8 * v, _mm512_sub_epi64(count, _mm512_add_epi64(acc[r][v], acc[r][v])));
                 correct_zero_weights(c, px[r], b, s);
-                float* y = c.y + (i0 + r) * c.out + base;
-                for (int v = 0; v < V && 8 * v < valid; ++v) {
-                    const __m256 f = _mm512_cvtepi64_ps(_mm512_load_si512(s + 8 * v));
-                    const __m256 out = _mm256_fmadd_ps(f, _mm256_loadu_ps(c.scale + base + 8 * v),
-                                                       _mm256_loadu_ps(c.shift + base + 8 * v));
-                    const int64_t n = std::min<int64_t>(8, valid - 8 * v);
-                    _mm256_mask_storeu_ps(y + 8 * v, (__mmask8)((1u << n) - 1), out);
+                const int64_t pixel = i0 + r;
+                const float* res = c.residual ? c.residual + pixel * c.residual_stride + base : nullptr;
+                float* y = c.y + pixel * c.y_stride + base;
+                for (int v = 0; v < V && 8 * v < outputs; ++v) {
+                    const int64_t o = base + 8 * v;
+                    const __mmask8 lanes = (__mmask8)((1u << std::min<int64_t>(8, outputs - 8 * v)) - 1);
+                    __m256 out = _mm256_fmadd_ps(_mm512_cvtepi64_ps(_mm512_load_si512(s + 8 * v)),
+                                                 _mm256_loadu_ps(c.scale + o), _mm256_loadu_ps(c.shift + o));
+                    if (res) out = _mm256_add_ps(out, _mm256_maskz_loadu_ps(lanes, res + 8 * v));
+                    if (c.bias) out = _mm256_add_ps(out, _mm256_maskz_loadu_ps(lanes, c.bias + o));
+                    if (c.slope)
+                        out = _mm256_mask_blend_ps(_mm256_cmp_ps_mask(out, zero, _CMP_GT_OQ),
+                                                   _mm256_mul_ps(out, _mm256_maskz_loadu_ps(lanes, c.slope + o)), out);
+                    if (c.bias_out) out = _mm256_add_ps(out, _mm256_maskz_loadu_ps(lanes, c.bias_out + o));
+                    _mm256_mask_storeu_ps(y + 8 * v, lanes, out);
                 }
             }
         }
+        pack_next<pack_pixel_avx512>(c, i0, valid);
     }
 }
 
 #endif  // BC_X86
 
-// ---- packing: m = u != 0 (NaN too, as in the pure path), p = u > 0 ----
-
-BC_INLINE void pack_pixel_scalar(const float* u, int64_t channels, int64_t words, int64_t* out) {
-    for (int64_t w = 0; w < words; ++w) {
-        uint64_t m = 0, p = 0;
-        const int64_t n = std::min<int64_t>(64, channels - 64 * w);
-        for (int64_t i = 0; i < n; ++i) {
-            const float v = u[64 * w + i];
-            m |= (uint64_t)(v != 0) << i;
-            p |= (uint64_t)(v > 0) << i;
-        }
-        out[2 * w] = (int64_t)m;
-        out[2 * w + 1] = (int64_t)p;
-    }
-}
-
-#if BC_X86
-BC_TARGET(BC_AVX512) BC_INLINE void pack_pixel_avx512(const float* u, int64_t channels, int64_t words, int64_t* out) {
-    const __m512 zero = _mm512_setzero_ps();
-    for (int64_t w = 0; w < words; ++w) {
-        uint64_t m = 0, p = 0;
-        for (int g = 0; g < 4; ++g) {
-            const int64_t first = 64 * w + 16 * g, n = channels - first;
-            if (n <= 0) break;
-            const __mmask16 valid = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
-            const __m512 v = _mm512_maskz_loadu_ps(valid, u + first);
-            m |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NEQ_UQ) << (16 * g);
-            p |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_GT_OQ) << (16 * g);
-        }
-        out[2 * w] = (int64_t)m;
-        out[2 * w + 1] = (int64_t)p;
-    }
-}
-
-BC_TARGET("avx2") BC_INLINE void pack_pixel_avx2(const float* u, int64_t channels, int64_t words, int64_t* out) {
-    if (channels % 8) return pack_pixel_scalar(u, channels, words, out);
-    const __m256 zero = _mm256_setzero_ps();
-    for (int64_t w = 0; w < words; ++w) {
-        uint64_t m = 0, p = 0;
-        for (int g = 0; g < 8 && 64 * w + 8 * g < channels; ++g) {
-            const __m256 v = _mm256_loadu_ps(u + 64 * w + 8 * g);
-            m |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) << (8 * g);
-            p |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)) << (8 * g);
-        }
-        out[2 * w] = (int64_t)m;
-        out[2 * w + 1] = (int64_t)p;
-    }
-}
-#endif
+// ---- packing a tensor ----
 
 struct Pack {
     const float* u;
+    const float* bias;
     int64_t h, w, channels, pad, words;
     int64_t* planes;
 
@@ -302,21 +363,15 @@ struct Pack {
     }
 };
 
-#define BC_PACK_ROWS(pixel)                                                          \
-    for (int64_t i = first; i < last; ++i) {                                        \
-        int64_t* dst;                                                               \
-        const float* src = p.row(i, &dst);                                          \
-        for (int64_t x = 0; src && x < p.w; ++x)                                    \
-            pixel(src + x * p.channels, p.channels, p.words, dst + x * p.words * 2); \
+template <PackPixel pack_pixel>
+void pack_rows(const Pack& p, int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+        int64_t* dst;
+        const float* src = p.row(i, &dst);
+        for (int64_t x = 0; src && x < p.w; ++x)
+            pack_pixel(src + x * p.channels, p.bias, p.channels, dst + x * p.words * 2);
     }
-
-void pack_rows_scalar(const Pack& p, int64_t first, int64_t last) { BC_PACK_ROWS(pack_pixel_scalar) }
-#if BC_X86
-BC_TARGET("avx2") void pack_rows_avx2(const Pack& p, int64_t first, int64_t last) { BC_PACK_ROWS(pack_pixel_avx2) }
-BC_TARGET(BC_AVX512) void pack_rows_avx512(const Pack& p, int64_t first, int64_t last) {
-    BC_PACK_ROWS(pack_pixel_avx512)
 }
-#endif
 
 // Splits [0, total) into chunks of `grain` over the threads.
 template <class F>
@@ -335,35 +390,31 @@ int bc_supported() {
     int paths = 1;
 #if BC_X86
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2")) paths |= 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) paths |= 2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vpopcntdq"))
+        __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("fma"))
         paths |= 4;
 #endif
     return paths;
 }
 
-// u: float [n][h][w][channels] -> planes: int64 [n][h + 2 pad][w + 2 pad][words][2].
-void bc_pack(const float* u, int64_t n, int64_t h, int64_t w, int64_t channels, int64_t pad, int64_t* planes,
-             int path, int threads) {
-    const Pack p{u, h, w, channels, pad, (channels + 63) / 64, planes};
-    auto rows = pack_rows_scalar;
+// u: float [n][h][w][channels], bias: [channels] or null -> planes: int64 [n][h + 2 pad][w + 2 pad][words][2].
+void bc_pack(const float* u, const float* bias, int64_t n, int64_t h, int64_t w, int64_t channels, int64_t pad,
+             int64_t* planes, int path, int threads) {
+    const Pack p{u, bias, h, w, channels, pad, (channels + 63) / 64, planes};
+    auto rows = pack_rows<pack_pixel_scalar>;
 #if BC_X86
-    if (path == 2) rows = pack_rows_avx512;
-    else if (path == 1) rows = pack_rows_avx2;
+    if (path == 2) rows = pack_rows<pack_pixel_avx512>;
+    else if (path == 1) rows = pack_rows<pack_pixel_avx2>;
 #endif
     parallel(n * (h + 2 * pad), 4, threads, [&](int64_t first, int64_t last) { rows(p, first, last); });
 }
 
-// planes from bc_pack -> y: float [n][ho][wo][out].
-void bc_conv(const int64_t* planes, int64_t n, int64_t hp, int64_t wp, int64_t words, int64_t k, int64_t stride,
-             int64_t ho, int64_t wo, const int64_t* weights, int64_t out, const float* scale, const float* shift,
-             const int64_t* zeros, int64_t nzeros, float* y, int path, int threads) {
-    Conv c{planes, hp, wp, words, ho, wo, stride, {}, weights, out, (out + OB - 1) / OB, n * ho * wo,
-           scale, shift, zeros, nzeros, y};
-    for (int64_t dy = 0; dy < k; ++dy)
-        for (int64_t dx = 0; dx < k; ++dx) c.taps.push_back((dy * wp + dx) * words * 2);
+void bc_conv(const bc_conv_args* args, int path, int threads) {
+    Conv c{*args, {}, (args->out + OB - 1) / OB, args->n * args->ho * args->wo, (args->out + 63) / 64};
+    for (int64_t dy = 0; dy < c.k; ++dy)
+        for (int64_t dx = 0; dx < c.k; ++dx) c.taps.push_back((dy * c.wp + dx) * c.words * 2);
     auto rows = conv_rows_scalar;
 #if BC_X86
     if (path == 2) rows = conv_rows_avx512;

@@ -1,14 +1,17 @@
-"""The fast CPU path of the packed 1-bit network's binary convs (utils.export.PackedBinaryConv2d).
+"""The fast CPU path of the packed 1-bit network (utils.export): its binary convs, and with
+utils.deploy.block the float parts of its blocks, in one C++ kernel call per conv.
 
 binary_conv.cpp is plain C++ (no torch headers, so it compiles in seconds), built at first use by
 torch.utils.cpp_extension into its cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions),
 rebuilt only when the source or the flags change, and called through ctypes on the tensors' memory.
-It computes the same integer sums as the module's pure PyTorch forward and the same
-floats: fma(s, scale, shift), one rounding, as torch.addcmul. Where it cannot be built (no C++ compiler, no ninja, a failed build) it
-says so once and the convs run in pure PyTorch; so do CUDA tensors and dtypes other than float32.
+It computes the same integer sums as PackedBinaryConv2d's pure PyTorch forward and the same floats:
+fma(s, scale, shift), one rounding, as torch.addcmul; the fused float parts are PyTorch's float32
+operations in PyTorch's order. Where it cannot be built (no C++ compiler, no ninja, a failed build)
+it says so once and everything runs in pure PyTorch; so do CUDA tensors and dtypes other than
+float32.
 
 Paths: 'avx512-vpopcntdq', 'avx2' or 'scalar', the best the CPU has unless `select` picks one;
-'pure-pytorch' is the module's own forward.
+'pure-pytorch' is the modules' own forward.
 """
 import ctypes
 import functools
@@ -17,15 +20,17 @@ import shutil
 import sys
 import time
 import weakref
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PATHS", "PURE", "library", "supported", "select", "active", "applies", "binary_conv"]
+__all__ = ["PATHS", "PURE", "Fused", "library", "cpu_flags", "supported", "select", "active", "applies", "pack", "binary_conv"]
 
-SOURCE = Path(__file__).with_name("binary_conv.cpp")
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.cpp")
 NAME = "adambnn_binary_conv"
-CFLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+# -ffp-contract=off: the fused float parts round each operation as PyTorch does (no fused multiply-add
+# where PyTorch rounds twice).
+CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 PATHS = ("scalar", "avx2", "avx512-vpopcntdq")  # the kernel's path numbers 0, 1, 2
 PURE = "pure-pytorch"
 BLOCK = 32  # output channels per weight block: OB in binary_conv.cpp
@@ -37,6 +42,32 @@ _blocked = weakref.WeakKeyDictionary()  # module -> (its buffers' identity, bloc
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 
 
+class _ConvArgs(ctypes.Structure):
+    """bc_conv_args of binary_conv.cpp, field by field."""
+    _fields_ = [("planes", _ptr), *((name, _i64) for name in ("n", "hp", "wp", "words", "k", "stride", "ho", "wo")),
+                ("weights", _ptr), ("out", _i64), ("scale", _ptr), ("shift", _ptr), ("zeros", _ptr),
+                ("nzeros", _i64), ("residual", _ptr), ("residual_stride", _i64), ("bias", _ptr), ("slope", _ptr),
+                ("bias_out", _ptr), ("y", _ptr), ("y_stride", _i64), ("next_bias", _ptr), ("next_planes", _ptr)]
+
+
+@dataclass
+class Fused:
+    """What a binary conv's kernel call does besides the conv (utils.deploy.block), each part
+    skipped when None, in the order of models.reactnet.BasicBlock.forward: the input is `planes`
+    (packed already) or sign(u + input_bias); then y = prelu(y + residual + bias, slope) + bias_out,
+    written into `out` (a channels-last view, e.g. half of a concatenation) when given; and
+    sign(y + next_bias) packed into `next_planes` for a following 1x1 conv."""
+    planes: torch.Tensor | None = None
+    input_bias: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    slope: torch.Tensor | None = None
+    bias_out: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+    next_bias: torch.Tensor | None = None
+    next_planes: torch.Tensor | None = None  # set by the call
+
+
 @functools.cache
 def library():
     """The built kernel (ctypes.CDLL), or None where it cannot be built: the reason is printed once."""
@@ -46,17 +77,18 @@ def library():
     try:
         from torch.utils import cpp_extension
         start, wall = time.perf_counter(), time.time()
-        path = cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+        path = cpp_extension.load(NAME, [SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
                                   is_python_module=False)
         lib = ctypes.CDLL(path)
-    except Exception as e:  # a failed build or load: cpp_extension raises several kinds
-        return _fallback(f"building {SOURCE.name} failed ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})")
-    if os.path.getmtime(path) >= wall - 1:  # built by this call, not found in the cache
+    except Exception as e:  # cpp_extension raises several kinds for a failed build or load
+        lines = str(e).strip().splitlines()
+        return _fallback(f"building {os.path.basename(SOURCE)} failed ({lines[0] if lines else type(e).__name__})")
+    if os.path.getmtime(path) > wall:  # built by this call, not found in the cache
         print(f"binary conv kernel: built in {time.perf_counter() - start:.1f} s, cached in {os.path.dirname(path)}",
               file=sys.stderr)
     lib.bc_supported.restype = ctypes.c_int
-    lib.bc_pack.argtypes = [_ptr, _i64, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int, ctypes.c_int]
-    lib.bc_conv.argtypes = [_ptr] + [_i64] * 8 + [_ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, ctypes.c_int, ctypes.c_int]
+    lib.bc_pack.argtypes = [_ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _ptr, ctypes.c_int, ctypes.c_int]
+    lib.bc_conv.argtypes = [ctypes.POINTER(_ConvArgs), ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -66,6 +98,17 @@ def _fallback(reason: str):
     return None
 
 
+def cpu_flags() -> list:
+    """The flags of this CPU (Linux) that choose a path, and VNNI (int8 dot products)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vpopcntdq",
+                        "avx512_vnni", "avx_vnni") if f in flags]
+
+
 def supported() -> list:
     """The kernel's paths that run on this CPU, best last; [] without the kernel."""
     lib = library()
@@ -73,7 +116,7 @@ def supported() -> list:
 
 
 def select(name=None) -> None:
-    """Run the binary convs on CPU with path `name` (one of `supported()`, or PURE); None: the best."""
+    """Run the packed network on CPU with path `name` (one of `supported()`, or PURE); None: the best."""
     if name not in (None, PURE, *supported()):
         raise ValueError(f"binary conv path {name!r} does not run here: choose from {supported() + [PURE]}")
     global _selected
@@ -81,14 +124,55 @@ def select(name=None) -> None:
 
 
 def active() -> str:
-    """The path the binary convs of a float32 CPU tensor take now."""
+    """The path a float32 CPU input takes now."""
     paths = supported()
     return _selected or (paths[-1] if paths else PURE)
 
 
 def applies(module, u: torch.Tensor) -> bool:
-    """Whether `binary_conv` runs `module` on `u`: float32 on the CPU, with the kernel at hand."""
+    """Whether the kernel runs PackedBinaryConv2d `module` on `u`: float32 on the CPU, with the kernel
+    at hand."""
     return u.device.type == "cpu" and u.dtype == module.scale.dtype == torch.float32 and active() != PURE
+
+
+def _call():
+    return library(), PATHS.index(active()), torch.get_num_threads()
+
+
+def _ptr_of(t):
+    return None if t is None else t.data_ptr()
+
+
+def _vector(t, n: int):
+    """A per-channel parameter ([1, C, 1, 1] or [C]) as a contiguous [n] float32 vector, or None."""
+    if t is None:
+        return None
+    t = t.detach().reshape(-1).contiguous()
+    if t.numel() != n or t.dtype != torch.float32:
+        raise ValueError(f"a per-channel float32 vector of {n} values was expected, got {t.dtype} {list(t.shape)}")
+    return t
+
+
+def _row_stride(t, shape) -> int:
+    """The pixel stride of `t`, [n, c, h, w] laid out as channels-last rows (its channels at stride 1,
+    its pixels in order); ValueError otherwise."""
+    n, c, h, w = t.shape
+    s = t.stride()
+    if list(t.shape) != list(shape) or s[1] != 1 or s[2] != w * s[3] or s[0] != h * s[2]:
+        raise ValueError(f"expected channels-last rows of shape {list(shape)}, got {list(t.shape)} strides {list(s)}")
+    return s[3]
+
+
+def pack(u: torch.Tensor, bias=None, pad: int = 0) -> torch.Tensor:
+    """The bit-planes of sign(u + bias), u [n, c, h, w] float32: int64 [n, h + 2 pad, w + 2 pad, words, 2]
+    (m, p), a zero border of `pad` pixels."""
+    lib, path, threads = _call()
+    n, channels, h, w = u.shape
+    x = u.detach().permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last input
+    bias = _vector(bias, channels)
+    planes = torch.empty(n, h + 2 * pad, w + 2 * pad, -(-channels // WORD), 2, dtype=torch.int64)
+    lib.bc_pack(x.data_ptr(), _ptr_of(bias), n, h, w, channels, pad, planes.data_ptr(), path, threads)
+    return planes
 
 
 def _weights(module):
@@ -106,22 +190,34 @@ def _weights(module):
     return cached[1:]
 
 
-def binary_conv(module, u: torch.Tensor) -> torch.Tensor:
-    """`module`'s output for `u` (where `applies`) by the kernel: channels-last memory, as the pure path."""
+def binary_conv(module, u: torch.Tensor, fused: Fused | None = None) -> torch.Tensor:
+    """PackedBinaryConv2d `module` on `u` (where `applies`) by the kernel, and the float parts of
+    `fused`; the output has channels-last memory, as the pure path's."""
+    fused = fused or Fused()
     n, channels, h, w = u.shape
     if channels != module.in_channels:
         raise ValueError(f"{module} got an input of {channels} channels")
-    k, stride, pad = module.kernel_size, module.stride, module.padding
+    k, stride, pad, out = module.kernel_size, module.stride, module.padding, module.out_channels
     h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
-    words = -(-channels // WORD)
-    lib, path, threads = library(), PATHS.index(active()), torch.get_num_threads()
-    x = u.detach().permute(0, 2, 3, 1).contiguous()  # no copy for a channels-last input
-    planes = torch.empty(n, h + 2 * pad, w + 2 * pad, words, 2, dtype=torch.int64)
-    lib.bc_pack(x.data_ptr(), n, h, w, channels, pad, planes.data_ptr(), path, threads)
+    words, shape = -(-channels // WORD), (n, out, h_out, w_out)
+    planes = fused.planes if fused.planes is not None else pack(u, fused.input_bias, pad)
+    if planes.shape != (n, h + 2 * pad, w + 2 * pad, words, 2):
+        raise ValueError(f"packed input of shape {list(planes.shape)} does not fit {module} on {list(u.shape)}")
+    y = fused.out if fused.out is not None else torch.empty(n, h_out, w_out, out).permute(0, 3, 1, 2)
+    residual = fused.residual
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last)  # a no-op in a block
+    bias, slope, bias_out, next_bias = (_vector(t, out) for t in (fused.bias, fused.slope, fused.bias_out,
+                                                                     fused.next_bias))
+    if next_bias is not None:
+        fused.next_planes = torch.empty(n, h_out, w_out, -(-out // WORD), 2, dtype=torch.int64)
     weights, scale, shift = _weights(module)
     zeros = module.zero_weights.contiguous()
-    y = torch.empty(n, h_out, w_out, module.out_channels)
-    lib.bc_conv(planes.data_ptr(), n, h + 2 * pad, w + 2 * pad, words, k, stride, h_out, w_out, weights.data_ptr(),
-                module.out_channels, scale.data_ptr(), shift.data_ptr(), zeros.data_ptr(), len(zeros), y.data_ptr(),
-                path, threads)
-    return y.permute(0, 3, 1, 2)
+    args = _ConvArgs(planes.data_ptr(), n, h + 2 * pad, w + 2 * pad, words, k, stride, h_out, w_out,
+                     weights.data_ptr(), out, scale.data_ptr(), shift.data_ptr(), zeros.data_ptr(), len(zeros),
+                     _ptr_of(residual), 0 if residual is None else _row_stride(residual, shape), _ptr_of(bias),
+                     _ptr_of(slope), _ptr_of(bias_out), y.data_ptr(), _row_stride(y, shape), _ptr_of(next_bias),
+                     _ptr_of(fused.next_planes))
+    lib, path, threads = _call()
+    lib.bc_conv(ctypes.byref(args), path, threads)
+    return y
