@@ -274,6 +274,8 @@ def load_packed(path, device=None) -> nn.Module:
         raise CheckpointError(f"{path!r} is a damaged packed file: entries that do not fit: "
                               f"{', '.join(problems[:3])}{more}")
     model.load_state_dict(state_dict, strict=True)
+    if torch.device(device or "cpu").type == "cpu":
+        kernel.library()  # built (or found in the cache) now, or the fallback said, not at the first forward
     return model
 
 

@@ -39,7 +39,7 @@
 #define BC_AVX512 "avx512f,avx512dq,avx512vl,avx512bw,avx512vpopcntdq,fma,popcnt"
 
 extern "C" {
-// One conv call; utils/deploy/kernel.py's ConvArgs mirrors it field by field. Null pointers skip
+// One conv call; _ConvArgs in utils/deploy/kernel.py mirrors it field by field. Null pointers skip
 // the float parts.
 struct bc_conv_args {
     const int64_t* planes;  // [n][hp][wp][words][2]
@@ -152,7 +152,8 @@ BC_INLINE void correct_zero_weights(const Conv& c, const int64_t* px, int64_t bl
 struct Cursor {
     const Conv& c;
     int64_t b, y, x;
-    Cursor(const Conv& conv, int64_t i) : c(conv), b(i / (conv.ho * conv.wo)), y(i / conv.wo % conv.ho), x(i % conv.wo) {}
+    Cursor(const Conv& conv, int64_t i)
+        : c(conv), b(i / (conv.ho * conv.wo)), y(i / conv.wo % conv.ho), x(i % conv.wo) {}
     // The packed input under the current pixel at tap (0, 0).
     const int64_t* input() const { return c.planes + ((b * c.hp + y * c.stride) * c.wp + x * c.stride) * c.words * 2; }
     void next() {
@@ -373,9 +374,12 @@ void pack_rows(const Pack& p, int64_t first, int64_t last) {
     }
 }
 
-// Splits [0, total) into chunks of `grain` over the threads.
+// Splits [0, total) over the threads in chunks of a multiple of 4 items (every path's R), each of at
+// least `min_items` (a few tens of microseconds of work: a thread costs more for less) and enough
+// of them to balance the load.
 template <class F>
-void parallel(int64_t total, int64_t grain, int threads, F body) {
+void parallel(int64_t total, int64_t min_items, int threads, F body) {
+    const int64_t grain = (std::max(min_items, total / (8 * std::max(threads, 1))) + 3) / 4 * 4;
     const int64_t chunks = (total + grain - 1) / grain;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && chunks > 1)
     for (int64_t i = 0; i < chunks; ++i) body(i * grain, std::min(total, (i + 1) * grain));
@@ -408,7 +412,9 @@ void bc_pack(const float* u, const float* bias, int64_t n, int64_t h, int64_t w,
     if (path == 2) rows = pack_rows<pack_pixel_avx512>;
     else if (path == 1) rows = pack_rows<pack_pixel_avx2>;
 #endif
-    parallel(n * (h + 2 * pad), 4, threads, [&](int64_t first, int64_t last) { rows(p, first, last); });
+    const int64_t row = (w + 2 * pad) * channels;
+    parallel(n * (h + 2 * pad), (1 << 16) / row + 1, threads,
+             [&](int64_t first, int64_t last) { rows(p, first, last); });
 }
 
 void bc_conv(const bc_conv_args* args, int path, int threads) {
@@ -420,9 +426,9 @@ void bc_conv(const bc_conv_args* args, int path, int threads) {
     if (path == 2) rows = conv_rows_avx512;
     else if (path == 1) rows = conv_rows_avx2;
 #endif
-    // Chunks of whole pixel blocks (a multiple of every path's R), enough of them to share out.
-    const int64_t grain = std::max<int64_t>(4, c.pixels / (8 * std::max(threads, 1)) / 4 * 4);
-    parallel(c.pixels, grain, threads, [&](int64_t first, int64_t last) { rows(c, first, last); });
+    // Work per pixel in (word, output) pairs, the epilogue counted as 4 words.
+    const int64_t work = ((int64_t)c.taps.size() * c.words + 4) * c.blocks * OB;
+    parallel(c.pixels, (1 << 18) / work + 1, threads, [&](int64_t first, int64_t last) { rows(c, first, last); });
 }
 
 }  // extern "C"

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PATHS", "PURE", "Fused", "library", "cpu_flags", "supported", "select", "active", "applies", "pack", "binary_conv"]
+__all__ = ["PATHS", "PURE", "Fused", "library", "cpu_flags", "supported", "select", "active", "applies", "pack",
+           "binary_conv"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.cpp")
 NAME = "adambnn_binary_conv"
@@ -154,12 +155,13 @@ def _vector(t, n: int):
 
 
 def _row_stride(t, shape) -> int:
-    """The pixel stride of `t`, [n, c, h, w] laid out as channels-last rows (its channels at stride 1,
-    its pixels in order); ValueError otherwise."""
+    """The pixel stride of float32 `t`, [n, c, h, w] laid out as channels-last rows (its channels at
+    stride 1, its pixels in order); ValueError otherwise."""
     n, c, h, w = t.shape
     s = t.stride()
-    if list(t.shape) != list(shape) or s[1] != 1 or s[2] != w * s[3] or s[0] != h * s[2]:
-        raise ValueError(f"expected channels-last rows of shape {list(shape)}, got {list(t.shape)} strides {list(s)}")
+    if t.dtype != torch.float32 or list(t.shape) != list(shape) or s[1] != 1 or s[2] != w * s[3] or s[0] != h * s[2]:
+        raise ValueError(f"expected float32 channels-last rows of shape {list(shape)}, got {t.dtype} "
+                         f"{list(t.shape)} strides {list(s)}")
     return s[3]
 
 
