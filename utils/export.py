@@ -322,21 +322,27 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
             "float_top1": 100 * correct[0] / count, "packed_top1": 100 * correct[1] / count}
 
 
-def _medians(calls, rounds: int, device) -> list:
-    """Median seconds of each of `calls` over `rounds` rounds, after a warm-up round; within a round
-    the calls alternate, so that a change of load hits them alike."""
-    times = [[] for _ in calls]
+def _medians(calls, rounds: int, device, seconds: float = 0.0) -> list:
+    """Median seconds of each of `calls` over `rounds` rounds after a warm-up round, or more rounds
+    (at most 100) where they take less than about `seconds` in all; within a round the calls
+    alternate, so that a change of load hits them alike."""
+    def one_round():
+        spent = []
+        for call in calls:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spent.append(time.perf_counter() - start)
+        return spent
+
     with torch.no_grad():
-        for _ in range(rounds + 1):
-            for call, spent in zip(calls, times):
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                call()
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                spent.append(time.perf_counter() - start)
-    return [statistics.median(t[1:]) for t in times]
+        warm_up = one_round()
+        rounds = max(rounds, min(100, int(seconds / sum(warm_up))))
+        times = [one_round() for _ in range(rounds)]
+    return [statistics.median(column) for column in zip(*times)]
 
 
 def _per_thread_count(threads, measure) -> list:
@@ -362,9 +368,10 @@ def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: in
 def layer_benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int, threads, count: int = 4):
     """Yield (layer, batch size, [(float, packed) median ms, for each thread count of `threads`]) for
     the `count` binary convs of the step-2 `model` with the most multiply-accumulates at `input_size`
-    (one of each shape), alone: the float conv of sign(u) with alpha * sign(W) (F.conv2d, NCHW as in
-    the float network; sign(u) and the weight made beforehand) against the packed conv of u (its
-    packing, the conv, scale and shift; channels last as in the packed network)."""
+    (one of each shape), alone, over `rounds` rounds or about a second of them: the float conv of
+    sign(u) with alpha * sign(W) (F.conv2d, NCHW as in the float network; sign(u) and the weight made
+    beforehand) against the packed conv of u (its packing, the conv, scale and shift; channels last
+    as in the packed network)."""
     layers = {}  # "3x3 512->512 14x14": (a conv of that shape, its input's height and width), in network order
 
     def record(conv, inputs, _):
@@ -393,7 +400,7 @@ def layer_benchmark(model: nn.Module, batch_sizes, input_size: int, device, roun
             sign, u_last = torch.sign(u), u.contiguous(memory_format=torch.channels_last)
             yield name, batch, _per_thread_count(threads, lambda: tuple(1e3 * t for t in _medians(
                 (lambda: F.conv2d(sign, weight, None, conv.stride, conv.padding), lambda: packed(u_last)),
-                rounds, device)))
+                rounds, device, seconds=1.0)))
 
 
 def _print_rows(label: str, cells, path: str):
@@ -416,9 +423,9 @@ def _run_benchmark(args, size: int):
     for batch, cells in benchmark(model, args.batch_sizes, size, device, args.rounds, threads):
         _print_rows(f"batch {batch:>4}", cells, path)
     if args.layers if args.layers is not None else size == 224:
-        print(f"largest binary convs alone, ms, median of {args.rounds} rounds alternating, at {columns} "
-              f"(float: F.conv2d of sign(u) and alpha * sign(W); packed: sign packing, conv, scale and shift); "
-              f"load average {load_average()}")
+        print(f"largest binary convs alone, ms, median of {args.rounds} rounds or more (about 1 s) alternating, at "
+              f"{columns} (float: F.conv2d of sign(u) and alpha * sign(W); packed: sign packing, conv, scale and "
+              f"shift); load average {load_average()}")
         for name, batch, cells in layer_benchmark(model, args.batch_sizes, size, device, args.rounds, threads):
             _print_rows(f"{name:<24} batch {batch:>4}", cells, path)
 
