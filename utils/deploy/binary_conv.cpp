@@ -241,6 +241,30 @@ BC_TARGET("avx2,fma,popcnt") BC_INLINE __m256i popcount256(__m256i x) {
     return _mm256_sad_epu8(bytes, _mm256_setzero_si256());
 }
 
+// finish_scalar in vectors of 8 outputs (the same operations: the same values).
+BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Conv& c, int64_t pixel, int64_t block, const int64_t* s) {
+    const int64_t base = block * OB, outputs = std::min<int64_t>(OB, c.out - base);
+    const float* res = c.residual ? c.residual + pixel * c.residual_stride + base : nullptr;
+    float* y = c.y + pixel * c.y_stride + base;
+    const __m256 zero = _mm256_setzero_ps();
+    for (int v = 0; v < OB / 8 && 8 * v < outputs; ++v) {
+        const int64_t o = base + 8 * v;
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, outputs - 8 * v)),
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        alignas(32) int32_t s32[8];  // |s| <= taps * 64 * words < 2^31; AVX2 converts int32, not int64
+        for (int i = 0; i < 8; ++i) s32[i] = (int32_t)s[8 * v + i];
+        __m256 out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_load_si256((const __m256i*)s32)),
+                                     _mm256_loadu_ps(c.scale + o), _mm256_loadu_ps(c.shift + o));
+        if (res) out = _mm256_add_ps(out, _mm256_maskload_ps(res + 8 * v, lanes));
+        if (c.bias) out = _mm256_add_ps(out, _mm256_maskload_ps(c.bias + o, lanes));
+        if (c.slope)
+            out = _mm256_blendv_ps(_mm256_mul_ps(out, _mm256_maskload_ps(c.slope + o, lanes)), out,
+                                   _mm256_cmp_ps(out, zero, _CMP_GT_OQ));
+        if (c.bias_out) out = _mm256_add_ps(out, _mm256_maskload_ps(c.bias_out + o, lanes));
+        _mm256_maskstore_ps(y + 8 * v, lanes, out);
+    }
+}
+
 BC_TARGET("avx2,fma,popcnt") void conv_rows_avx2(const Conv& c, int64_t first, int64_t last) {
     constexpr int R = 2, V = OB / 4;  // 2 pixels x 8 vectors of 4 outputs
     const int64_t K = (int64_t)c.taps.size() * c.words;
@@ -273,7 +297,7 @@ BC_TARGET("avx2,fma,popcnt") void conv_rows_avx2(const Conv& c, int64_t first, i
                     _mm256_store_si256((__m256i*)(s + 4 * v),
                                        _mm256_sub_epi64(count, _mm256_add_epi64(acc[r][v], acc[r][v])));
                 correct_zero_weights(c, px[r], b, s);
-                finish_scalar(c, i0 + r, b, s);
+                finish_avx2(c, i0 + r, b, s);
             }
         }
         pack_next<pack_pixel_avx2>(c, i0, valid);

@@ -31,7 +31,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.c
 NAME = "adambnn_binary_conv"
 # -ffp-contract=off: the fused float parts round each operation as PyTorch does (no fused multiply-add
 # where PyTorch rounds twice).
-CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 PATHS = ("scalar", "avx2", "avx512-vpopcntdq")  # the kernel's path numbers 0, 1, 2
 PURE = "pure-pytorch"
 BLOCK = 32  # output channels per weight block: OB in binary_conv.cpp
