@@ -400,12 +400,13 @@ void pack_rows(const Pack& p, int64_t first, int64_t last) {
 
 // Splits [0, total) over the threads in chunks of a multiple of 4 items (every path's R), each of at
 // least `min_items` (a few tens of microseconds of work: a thread costs more for less) and enough
-// of them to balance the load.
+// of them to balance the load; handed out as the threads come (a thread the OS holds back leaves its
+// share to the others).
 template <class F>
 void parallel(int64_t total, int64_t min_items, int threads, F body) {
     const int64_t grain = (std::max(min_items, total / (8 * std::max(threads, 1))) + 3) / 4 * 4;
     const int64_t chunks = (total + grain - 1) / grain;
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && chunks > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && chunks > 1)
     for (int64_t i = 0; i < chunks; ++i) body(i * grain, std::min(total, (i + 1) * grain));
 }
 
