@@ -368,7 +368,7 @@ def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: in
 def layer_benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int, threads, count: int = 4):
     """Yield (layer, batch size, [(float, packed) median ms, for each thread count of `threads`]) for
     the `count` binary convs of the step-2 `model` with the most multiply-accumulates at `input_size`
-    (one of each shape), alone, over `rounds` rounds or about a second of them: the float conv of
+    (one of each shape), alone, over `rounds` rounds or about 0.2 s per round: the float conv of
     sign(u) with alpha * sign(W) (F.conv2d, NCHW as in the float network; sign(u) and the weight made
     beforehand) against the packed conv of u (its packing, the conv, scale and shift; channels last
     as in the packed network)."""
@@ -400,7 +400,7 @@ def layer_benchmark(model: nn.Module, batch_sizes, input_size: int, device, roun
             sign, u_last = torch.sign(u), u.contiguous(memory_format=torch.channels_last)
             yield name, batch, _per_thread_count(threads, lambda: tuple(1e3 * t for t in _medians(
                 (lambda: F.conv2d(sign, weight, None, conv.stride, conv.padding), lambda: packed(u_last)),
-                rounds, device, seconds=1.0)))
+                rounds, device, seconds=0.2 * rounds)))
 
 
 def _print_rows(label: str, cells, path: str):
@@ -423,9 +423,9 @@ def _run_benchmark(args, size: int):
     for batch, cells in benchmark(model, args.batch_sizes, size, device, args.rounds, threads):
         _print_rows(f"batch {batch:>4}", cells, path)
     if args.layers if args.layers is not None else size == 224:
-        print(f"largest binary convs alone, ms, median of {args.rounds} rounds or more (about 1 s) alternating, at "
-              f"{columns} (float: F.conv2d of sign(u) and alpha * sign(W); packed: sign packing, conv, scale and "
-              f"shift); load average {load_average()}")
+        print(f"largest binary convs alone, ms, median of {args.rounds} rounds or more (about {0.2 * args.rounds:g} s) "
+              f"alternating, at {columns} (float: F.conv2d of sign(u) and alpha * sign(W); packed: sign packing, "
+              f"conv, scale and shift); load average {load_average()}")
         for name, batch, cells in layer_benchmark(model, args.batch_sizes, size, device, args.rounds, threads):
             _print_rows(f"{name:<24} batch {batch:>4}", cells, path)
 
