@@ -19,6 +19,17 @@ from utils.export import PackedBinaryConv2d, load_step2, pack_model
 __all__ = ["benchmark", "layer_benchmark", "run"]
 
 
+def _cpu_flags() -> list:
+    """The flags of this CPU (Linux) that choose a path, and VNNI (int8 dot products)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vpopcntdq",
+                        "avx512_vnni", "avx_vnni") if f in flags]
+
+
 def _medians(calls, rounds: int, device, seconds: float = 0.0) -> list:
     """Median seconds of each of `calls` over `rounds` rounds after a warm-up round, or more rounds
     (at most 100) where they take less than about `seconds` in all; within a round the calls
@@ -115,7 +126,7 @@ def run(args):
     threads = args.threads or sorted({1, torch.get_num_threads()})
     path = kernel.active() if device.type == "cpu" else kernel.PURE
     columns = " | ".join(f"{n} thread{'s' * (n > 1)}" for n in threads)
-    machine = f"{cpu_name()} ({' '.join(kernel.cpu_flags()) or 'no AVX2'}), {os.cpu_count()} CPUs"
+    machine = f"{cpu_name()} ({' '.join(_cpu_flags()) or 'no AVX2'}), {os.cpu_count()} CPUs"
     print(f"ReActNet-A step 2, {size}x{size}, {args.device}: {machine}, load average {load_average()}; ms per image, "
           f"median of {args.rounds} rounds alternating float and packed, at {columns}; packed: speed-up, path")
     for batch, cells in benchmark(model, args.batch_sizes, size, device, args.rounds, threads):

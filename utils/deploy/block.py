@@ -32,7 +32,7 @@ class PackedBlock(BasicBlock):
                                                      bias_out=bias_out))
         # The concatenation of the two 1x1 convs' outputs: each writes its half.
         n, _, h, w = out1.shape
-        out2 = torch.empty(n, self.planes, h, w, memory_format=torch.channels_last)
+        out2 = torch.empty(n, self.planes, h, w, dtype=out1.dtype, memory_format=torch.channels_last)
         halves = zip(out2.chunk(2, 1), *(p.view(-1).chunk(2) for p in parts))
         for conv, (out, bias, slope, bias_out) in zip((self.binary_pw_down1, self.binary_pw_down2), halves):
             conv(out1, kernel.Fused(planes=first.next_planes, residual=out1, bias=bias, slope=slope,

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PATHS", "PURE", "Fused", "library", "cpu_flags", "supported", "select", "active", "applies", "pack",
-           "binary_conv"]
+__all__ = ["PATHS", "PURE", "Fused", "library", "supported", "select", "active", "applies", "pack", "binary_conv"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.cpp")
 NAME = "adambnn_binary_conv"
@@ -97,17 +96,6 @@ def _fallback(reason: str):
     print(f"binary conv kernel: {reason}; the packed network's binary convs run in pure PyTorch (slower)",
           file=sys.stderr)
     return None
-
-
-def cpu_flags() -> list:
-    """The flags of this CPU (Linux) that choose a path, and VNNI (int8 dot products)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
-    return [f for f in ("avx2", "fma", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_vpopcntdq",
-                        "avx512_vnni", "avx_vnni") if f in flags]
 
 
 def supported() -> list:
@@ -205,7 +193,9 @@ def binary_conv(module, u: torch.Tensor, fused: Fused | None = None) -> torch.Te
     planes = fused.planes if fused.planes is not None else pack(u, fused.input_bias, pad)
     if planes.shape != (n, h + 2 * pad, w + 2 * pad, words, 2):
         raise ValueError(f"packed input of shape {list(planes.shape)} does not fit {module} on {list(u.shape)}")
-    y = fused.out if fused.out is not None else torch.empty(n, h_out, w_out, out).permute(0, 3, 1, 2)
+    y = fused.out
+    if y is None:
+        y = torch.empty(n, h_out, w_out, out, dtype=torch.float32).permute(0, 3, 1, 2)
     residual = fused.residual
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)  # a no-op in a block
