@@ -81,8 +81,9 @@ def library():
                                   is_python_module=False)
         lib = ctypes.CDLL(path)
     except Exception as e:  # cpp_extension raises several kinds for a failed build or load
-        lines = str(e).strip().splitlines()
-        return _fallback(f"building {os.path.basename(SOURCE)} failed ({lines[0] if lines else type(e).__name__})")
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = next((line for line in lines if "error:" in line), lines[0])  # the compiler's first error
+        return _fallback(f"building {os.path.basename(SOURCE)} failed ({detail.strip()})")
     if os.path.getmtime(path) > wall:  # built by this call, not found in the cache
         print(f"binary conv kernel: built in {time.perf_counter() - start:.1f} s, cached in {os.path.dirname(path)}",
               file=sys.stderr)
