@@ -10,11 +10,14 @@ from two bit-planes of the input, "nonzero" (m) and "positive" (p), and the weig
 so a padded tap (m = 0, the float network pads sign(u) with 0) and an input exactly 0
 (sign(0) = 0) contribute 0, as they do in the float network. Everything else of the network
 (the real-valued stem and fc, the `move*` biases, PReLU, the shortcuts) is the float network's
-own modules and forward, in float.
+own modules, in float. On the CPU, in float32, a C++ kernel (utils/deploy) runs the binary convs
+and the blocks' float parts with the same values, several times faster; elsewhere, or without a
+C++ compiler, the pure PyTorch forward does.
 
     python -m utils.export --checkpoint step2/output/model_best.pth.tar --out reactnet_a_1bit.pt
     python -m utils.export --checkpoint CKPT --out FILE --verify DIR [--input-size 32]
     python -m utils.export --benchmark [--checkpoint CKPT] [--input-size 224] [--batch-sizes 1 64]
+                           [--threads 1 N] [--rounds 5] [--kernel PATH] [--no-layers]
 
 A packed file is a dict read with `torch.load(weights_only=True)` (nothing in it runs when it is
 read): {'format': PACKED_FORMAT, 'version': VERSION, 'arch': 'reactnet_a', 'num_classes',
@@ -25,8 +28,6 @@ class folder names, where the checkpoint has them), 'state_dict'}. Version 1 fil
 import argparse
 import copy
 import os
-import sys
-import time
 from collections.abc import Mapping
 
 import torch
@@ -37,11 +38,14 @@ from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
                               is_packed, load_weights, num_classes, read_checkpoint)
+from utils.cli import exit_on_error
 from utils.data import DataError
+from utils.deploy import kernel
+from utils.deploy.block import PackedBlock
 
 __all__ = [
     "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
-    "packed_input_size", "load_packed", "verify", "benchmark",
+    "packed_input_size", "load_packed", "verify",
 ]
 
 VERSION = 2
@@ -132,7 +136,10 @@ class PackedBinaryConv2d(nn.Module):
         """Parameters of the binary conv and BatchNorm this layer stands for: W, gamma and beta."""
         return self.weight_bits.shape[0] * (self.in_channels * self.kernel_size ** 2 + 2)
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, fused=None) -> torch.Tensor:
+        """`fused` (utils.deploy.block, where kernel.applies): the block's float parts the kernel does too."""
+        if kernel.applies(self, u):  # the C++ kernel: the same values, several times faster
+            return kernel.binary_conv(self, u, fused)
         n, _, h, w = u.shape
         k, stride, pad = self.kernel_size, self.stride, self.padding
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
@@ -173,9 +180,11 @@ class PackedBinaryConv2d(nn.Module):
 
 def _swap(model: nn.Module, make) -> nn.Module:
     """Replace each block's binary conv by `make(block, conv name, bn name)` and its BatchNorm by
-    Identity: the block's own forward then runs the packed conv in their place."""
+    Identity: the block's forward then runs the packed conv in their place (PackedBlock: the same
+    modules and names, its float parts fused into the kernel's calls where it runs)."""
     for block in model.modules():
         if isinstance(block, BasicBlock):
+            block.__class__ = PackedBlock
             for conv_name, bn_name in CONV_BN:
                 if hasattr(block, conv_name):
                     setattr(block, conv_name, make(block, conv_name, bn_name))
@@ -293,6 +302,8 @@ def load_packed(source, device=None, name=None) -> nn.Module:
         raise CheckpointError(f"{path!r} is a damaged packed file: entries that do not fit: "
                               f"{', '.join(problems[:3])}{more}")
     model.load_state_dict(state_dict, strict=True)
+    if torch.device(device or "cpu").type == "cpu":
+        kernel.library()  # built (or found in the cache) now, or the fallback said, not at the first forward
     return model
 
 
@@ -339,27 +350,6 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
             "float_top1": 100 * correct[0] / count, "packed_top1": 100 * correct[1] / count}
 
 
-def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: int):
-    """Yield (model name, batch size, median ms per image) for the float step-2 `model` and its
-    packed form, per batch size."""
-    float_model = model.eval().to(device)
-    packed = pack_model(copy.deepcopy(model)).to(device)
-    for batch in batch_sizes:
-        x = torch.randn(batch, 3, input_size, input_size, device=device)
-        for name, net in (("float", float_model), ("packed", packed)):
-            times = []
-            with torch.no_grad():
-                for _ in range(rounds + 1):  # the first is a warm-up
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    net(x)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times.append(time.perf_counter() - start)
-            yield name, batch, 1e3 * sorted(times[1:])[len(times[1:]) // 2] / batch
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, "
                                 "check it, or time it.")
@@ -370,22 +360,29 @@ def main(argv=None):
     p.add_argument("--benchmark", action="store_true",
                    help="time the float and packed models (weights of --checkpoint, else random)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="--benchmark batch sizes")
-    p.add_argument("--rounds", type=int, default=3, help="--benchmark: timed forward passes per row (median)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--benchmark: timed rounds, float and packed alternating (median)")
     p.add_argument("--device", default="cpu", help="--benchmark device")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="torch CPU threads (default: torch's); --benchmark times each (default: 1 and torch's)")
+    p.add_argument("--kernel", choices=[*kernel.PATHS, kernel.PURE],
+                   help="--benchmark: the packed network's CPU path (default: the best this CPU runs)")
+    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
+                   help="--benchmark: also time the largest binary convs alone (default: at 224x224)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads and not args.benchmark:
+        if len(args.threads) > 1:
+            p.error("one --threads value, except with --benchmark")
+        torch.set_num_threads(args.threads[0])
     size = args.input_size
-    try:
+    with exit_on_error():
         if args.benchmark:
-            model = load_step2(args.checkpoint) if args.checkpoint else reactnet_a(binary_weights=True)
-            device = torch.device(args.device)
-            print(f"ReActNet-A step 2, {size}x{size}, {args.device}, {torch.get_num_threads()} thread(s), "
-                  f"median of {args.rounds}; ms per image")
-            for name, batch, ms in benchmark(model, args.batch_sizes, size, device, args.rounds):
-                print(f"{name:<8} batch {batch:>4}  {ms:10.1f} ms/image", flush=True)
-            return
+            try:
+                kernel.select(args.kernel)
+            except ValueError as e:
+                p.error(str(e))
+            from utils.deploy import latency  # it imports this module: here, not at the top
+            return latency.run(args)
         if not (args.checkpoint and args.out):
             p.error("exporting needs --checkpoint and --out (or pass --benchmark)")
         packed = export(args.checkpoint, args.out)
@@ -404,9 +401,6 @@ def main(argv=None):
                   f"packed vs float32 model {r['packed_vs_float32']:.2e} (vs the float64 model: packed "
                   f"{r['packed_vs_float64']:.2e}, float32 model {r['float32_vs_float64']:.2e}); top-1 differs "
                   f"on {r['top1_differ']} image(s); Acc@1 float {r['float_top1']:.3f}, packed {r['packed_top1']:.3f}")
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
