@@ -2,12 +2,11 @@
 cannot train on one image, so build_loader leaves such a batch out, says so once, and a run stopped
 in that epoch resumes over the same shortened epoch. (Two processes: tests/test_distributed.py.)"""
 import json
-import os
 import signal
 import subprocess
 
 from tests.test_faults import wait_for_line
-from tests.tiny import ROOT, env, make_image_folder, make_teacher, run
+from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step_command
 from utils.checkpoint import read_checkpoint
 from utils.preempt import EXIT_PREEMPTED
 
@@ -19,9 +18,7 @@ def test_one_image_last_batch_is_left_out_and_its_epoch_resumes(tmp_path):
     data = make_image_folder(tmp_path / "data", classes=2, train_per_class=5, val_per_class=1)
     teacher = make_teacher(tmp_path / "teacher.pth", num_classes=2)
     save = tmp_path / "save"
-    cmd = ["bash", os.path.join(ROOT, "step1", "run.sh"), "--data", data, "--save", str(save),
-           "--teacher-weights", teacher, "--epochs", "1", "--batch_size", "3", "-j", "0",
-           "--input-size", "32", "--print-freq", "1"]
+    cmd = step_command(1, data, save, "--teacher-weights", teacher, "--batch_size", "3")
     # One thread: batches of 3 gain nothing from more, and OpenMP's waits slow down on a busy machine.
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
