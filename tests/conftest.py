@@ -1,0 +1,3 @@
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU, skipped without one; the tier runs with "
+                            "`python -m pytest -q -m cuda tests` (tests/test_cuda.py)")
