@@ -1,15 +1,19 @@
 """Two processes through torchrun on CPU (gloo): the DDP run ends with identical weights on both
-ranks, only rank 0 prints and writes, and validation counts each image exactly once."""
+ranks, only rank 0 prints and writes, and validation counts each image exactly once; a last batch
+of one image per process is left out on both; evaluate.py's errors come from every rank."""
 import json
 import os
 import re
+import shutil
+import socket
+import subprocess
 import sys
 
 import pytest
 import torch
 
 import evaluate
-from tests.tiny import ROOT, make_image_folder, make_teacher, run
+from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -68,3 +72,41 @@ def test_validation_counts_each_image_once(ddp_run, tmp_path, capsys):
     row = json.loads(results.read_text())
     assert row["images"] == 9 and row["top1"] == pytest.approx(single.top1)
     assert row["top5"] == pytest.approx(single.top5)
+
+
+def test_one_image_last_batch_is_left_out_on_every_process(ddp_run, tmp_path):
+    root, _, _ = ddp_run
+    # 9 training images over 2 processes: shards of 5 (one padded), batches of 2, the last of 1.
+    data = make_image_folder(tmp_path / "data", classes=3, train_per_class=3, val_per_class=1)
+    p = step(1, data, tmp_path / "save", "--teacher-weights", root / "teacher.pth", NPROC_PER_NODE="2")
+    assert p.stdout.count("left out, 2 image(s) an epoch") == 1
+    assert "Epoch: [0][1/2]" in p.stdout and "Epoch: [0][2/" not in p.stdout
+    (record,) = [json.loads(line) for line in open(tmp_path / "save" / "log.jsonl")]
+    assert round(record["images_per_s"] * record["epoch_time"]) == 8  # both processes' images
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_evaluate_errors_come_from_every_rank(ddp_run, tmp_path):
+    root, data, _ = ddp_run
+    # The second image of the sorted validation set is in rank 1's shard (images 1, 3, 5...).
+    shutil.copytree(data, tmp_path / "data")
+    bad = tmp_path / "data" / "val" / "class0" / "1.png"
+    bad.write_bytes(os.urandom(300))
+    # The two processes in torchrun's environment, without torchrun: it stops the other workers as
+    # soon as one fails, which could cut the slower one short before its line.
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", str(root / "save" / "checkpoint.pth.tar"),
+           "--data", str(tmp_path / "data"), "-j", "0", "--batch_size", "4"]
+    rendezvous = dict(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env(RANK=str(r), LOCAL_RANK=str(r), **rendezvous),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    rank0, rank1 = (p.communicate(timeout=300)[1].strip() for p in procs)
+    assert [p.returncode for p in procs] == [1, 1]
+    assert rank0 == ("[rank 0/2] error: 1 validation image(s) unreadable, e.g. another process's shard (see "
+                     "its message): validation counts every image, so remove or replace it"), rank0
+    assert rank1.startswith(f"[rank 1/2] error: 1 validation image(s) unreadable, e.g. {bad} (") and \
+        "cannot identify image file" in rank1 and "\n" not in rank1, rank1

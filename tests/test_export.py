@@ -236,14 +236,6 @@ def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys):
     assert astuple(stats) == pytest.approx(astuple(expected), rel=RTOL) and stats.top1 == expected.top1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_gives_the_cpu_logits(packed_file):
-    x = torch.randn(2, 3, 32, 32)
-    cpu, cuda = load_packed(packed_file), load_packed(packed_file, device="cuda")
-    assert torch.equal(logits(cuda, x.cuda()).argmax(1).cpu(), logits(cpu, x).argmax(1))
-    assert max_rel_error(logits(cuda, x.cuda()).cpu(), logits(cpu, x)) < RTOL
-
-
 def test_benchmark_command(capsys):
     export.main(["--benchmark", "--input-size", "32", "--batch-sizes", "2", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()

@@ -32,26 +32,32 @@ def fixture_state_dict(shapes: dict, seed: int) -> dict:
     return state_dict
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["step1", "step2"])
-def run(request, fixture):
-    """Our model's outputs and gradients on the fixture's weights and inputs, next to the expected ones."""
-    step = request.param
-    expected = fixture[f"step{step}"]
+def fixture_outputs(fixture: dict, step: int, device="cpu") -> tuple:
+    """Our float64 model of `step` on the fixture's weights and inputs, computed on `device`, as its
+    README says: eval-mode logits, train-mode logits and the parameters' gradients (on the CPU)."""
     model = reactnet_a(binary_weights=step == 2).double()
-    model.load_state_dict(fixture_state_dict(expected["state_dict_shapes"], fixture["seed"]), strict=True)
-
+    model.load_state_dict(fixture_state_dict(fixture[f"step{step}"]["state_dict_shapes"], fixture["seed"]),
+                          strict=True)
+    model.to(device)
     g2 = torch.Generator().manual_seed(fixture["seed"] + 1)
     x = torch.randn(fixture["input_shape"], generator=g2, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        eval_logits = model(x)
+        eval_logits = model(x.to(device))
     model.train()
     xg = torch.randn(fixture["grad_input_shape"], generator=g2, dtype=torch.float64)
-    train_logits = model(xg)
+    train_logits = model(xg.to(device))
     r = torch.randn(train_logits.shape, generator=g2, dtype=torch.float64)
-    (train_logits * r).sum().backward()
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    return step, expected, eval_logits, train_logits.detach(), grads
+    (train_logits * r.to(device)).sum().backward()
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters()}
+    return eval_logits.cpu(), train_logits.detach().cpu(), grads
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["step1", "step2"])
+def run(request, fixture):
+    """Our model's outputs and gradients on the fixture's weights and inputs, next to the expected ones."""
+    step = request.param
+    return step, fixture[f"step{step}"], *fixture_outputs(fixture, step)
 
 
 def assert_rel_close(actual, expected, what):

@@ -49,12 +49,17 @@ def run(cmd, cwd=ROOT, check=True, timeout=600, **extra_env):
     return p
 
 
-def step(n, data, save, *flags, cwd=ROOT, check=True, **extra_env):
-    """bash stepN/run.sh with tiny settings (CPU, no workers, 32x32, 1 epoch) plus `flags`."""
+def step_command(n, data, save, *flags) -> list:
+    """bash stepN/run.sh with tiny settings (no workers, 32x32, 1 epoch) plus `flags`, which
+    override them (the last of a flag counts)."""
     tiny = ["--data", data, "--save", save, "--epochs", "1", "--batch_size", "4", "-j", "0",
             "--input-size", "32", "--print-freq", "1"]
-    return run(["bash", os.path.join(ROOT, f"step{n}", "run.sh"), *tiny, *flags], cwd=cwd,
-               check=check, **extra_env)
+    return [str(c) for c in ["bash", os.path.join(ROOT, f"step{n}", "run.sh"), *tiny, *flags]]
+
+
+def step(n, data, save, *flags, cwd=ROOT, check=True, **extra_env):
+    """Run step_command(n, data, save, *flags)."""
+    return run(step_command(n, data, save, *flags), cwd=cwd, check=check, **extra_env)
 
 
 if __name__ == "__main__":
