@@ -175,6 +175,10 @@ def resolve_args(args, world_size: int | None = None) -> argparse.Namespace:
     if args.batch_size % world_size:
         raise ConfigError(f"--batch_size {args.batch_size} (global) does not split evenly over "
                           f"{world_size} processes: use a multiple of {world_size}")
+    if args.input_size < 64 and args.batch_size == world_size:
+        raise ConfigError(f"--batch_size {args.batch_size} is one image per process: at --input-size "
+                          f"{args.input_size} the last feature maps are 1x1, and BatchNorm cannot train on one "
+                          f"value per channel; use at least {2 * world_size}")
     check_writable(args.save)
     return args
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .cli import UserError
 from .data import DataError, to_device
-from .distributed import all_reduce_max, all_reduce_sum
+from .distributed import all_gather_object, all_reduce_max, all_reduce_sum
 from .logger import AverageMeter, progress_line
 from .precision import autocast
 
@@ -167,19 +167,26 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
 
 
 def _unreadable_message(skipped, max_skipped) -> str:
-    if not skipped:
-        return "another process met unreadable training images (see its message)"
-    path, reason = skipped[-1]
-    over = f" ({len(skipped)} this epoch, more than --skip-bad-images {max_skipped})" if max_skipped else ""
+    """Collective: every process names the same file, whichever of them gets to print it."""
+    path, reason = first_everywhere(skipped[-1:])
+    over = f" ({len(skipped)} this epoch, more than --skip-bad-images {max_skipped})" if max_skipped and skipped else ""
     return (f"training image {path} is unreadable ({reason}){over}: remove or replace it, or pass "
             "--skip-bad-images N to skip up to N per epoch")
+
+
+def first_everywhere(items: list):
+    """This process's first item, else the first item of the lowest rank that has one, on every
+    process (collective; only on an error's path): a process stopped by the launcher before it
+    prints leaves the others' messages complete."""
+    mine = items[:1]
+    return (mine or [x for theirs in all_gather_object(mine) for x in theirs])[0]
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, *, prepare=to_device, precision="fp32", channels_last=False) -> EvalStats:
     """Plain cross-entropy loss, top-1 and top-5 (%) over the images of all processes' shards
     (each image once), and their count. An unreadable image is never skipped: every process
-    finishes its shard, then all raise DataError (naming this process's files)."""
+    finishes its shard, then all raise DataError naming a file (this process's, else another's)."""
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct@1, correct@5, count
     bad = []
@@ -197,7 +204,8 @@ def evaluate(model, loader, device, *, prepare=to_device, precision="fp32", chan
                              logits.new_tensor(logits.size(0))]).double()
     loss, c1, c5, count, num_bad = all_reduce_sum(torch.cat([sums, sums.new_tensor([len(bad)])])).tolist()
     if num_bad:
-        where = f"{bad[0][0]} ({bad[0][1]})" if bad else "another process's shard (see its message)"
+        path, reason = first_everywhere(bad)
+        where = f"{path} ({reason})"
         raise DataError(f"{int(num_bad)} validation image(s) unreadable, e.g. {where}: validation "
                         "counts every image, so remove or replace it")
     n = max(count, 1)
