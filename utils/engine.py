@@ -178,8 +178,8 @@ def first_everywhere(items: list):
     """This process's first item, else the first item of the lowest rank that has one, on every
     process (collective; only on an error's path): a process stopped by the launcher before it
     prints leaves the others' messages complete."""
-    mine = items[:1]
-    return (mine or [x for theirs in all_gather_object(mine) for x in theirs])[0]
+    everyone = [x for theirs in all_gather_object(items[:1]) for x in theirs]  # every process joins
+    return (items[:1] or everyone)[0]
 
 
 @torch.no_grad()
