@@ -234,7 +234,7 @@ def atomic_copy(src, dst) -> None:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-    _replace_atomically(dst, write)
+    _replace_atomically(dst, write, os.path.getsize(src))
 
 
 def save_checkpoint(state: dict, save_dir, is_best: bool) -> None:

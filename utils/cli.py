@@ -36,7 +36,10 @@ def report(line: str, log_dir: str | None = None) -> None:
         line = f"[rank {_rank()}/{world_size}] {line}"
     print(line, file=sys.stderr, flush=True)
     if log_dir and os.path.isdir(log_dir):
-        append_line(os.path.join(log_dir, "log.txt"), line)
+        try:
+            append_line(os.path.join(log_dir, "log.txt"), line)
+        except OSError:  # a full disk, say: the line is on stderr
+            pass
 
 
 @contextlib.contextmanager
