@@ -35,8 +35,9 @@ from .engine import Progress
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
-    "num_classes", "checkpoint_step", "is_packed", "check_finite", "atomic_save", "atomic_copy",
-    "save_checkpoint", "remove_stale_temporaries", "TrainState", "CheckpointSaver",
+    "num_classes", "checkpoint_step", "trained_input_size", "is_packed", "check_finite", "atomic_save",
+    "atomic_copy", "save_checkpoint", "remove_stale_temporaries", "RunFolderError", "FolderInUse", "TrainState",
+    "CheckpointSaver",
 ]
 
 # Prefixes added by wrappers: nn.DataParallel / DDP ('module.'), torch.compile ('_orig_mod.').
@@ -154,6 +155,17 @@ def checkpoint_step(obj) -> int | None:
     """The training step (1 or 2) recorded in this repository's checkpoints, else None."""
     step = obj.get("step") if isinstance(obj, Mapping) else None
     return step if step in (1, 2) else None
+
+
+def trained_input_size(obj) -> int | None:
+    """The training crop size a checkpoint records: this repository's (in its args) and packed
+    files (from format version 2); the releases were trained on ImageNet at 224; None where the
+    file does not say (a bare state_dict, a version-1 packed file)."""
+    if is_packed(obj):
+        return obj.get("input_size")
+    if checkpoint_step(obj) is not None:
+        return obj.get("args", {}).get("input_size")
+    return 224 if detect_format(obj)[0].endswith("release") else None
 
 
 def is_packed(obj) -> bool:

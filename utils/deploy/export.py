@@ -22,10 +22,8 @@ read): {'format': PACKED_FORMAT, 'version': VERSION, 'arch': 'reactnet_a', 'num_
 class folder names, where the checkpoint has them), 'state_dict'}. Version 1 files, without
 'input_size' and 'classes', are read too.
 """
-import argparse
 import copy
 import os
-import sys
 import time
 from collections.abc import Mapping
 
@@ -36,12 +34,14 @@ from models import reactnet_a
 from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
-                              is_packed, load_weights, num_classes, read_checkpoint)
+                              is_packed, load_weights, num_classes, read_checkpoint, trained_input_size)
+from utils.cli import exit_on_error
+from utils.config import HelpFormatter, Parser
 from utils.data import DataError
 
 __all__ = [
     "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
-    "packed_input_size", "load_packed", "verify", "benchmark",
+    "load_packed", "verify", "benchmark",
 ]
 
 VERSION = 2
@@ -214,20 +214,18 @@ def _read_step2(checkpoint) -> tuple:
         raise CheckpointError(
             f"{checkpoint!r} is a step-1 checkpoint: its block convs have real-valued weights (only the "
             "activations are binary), so it has no 1-bit form; train step 2 from it and export that")
-    fmt, state_dict = detect_format(obj)
-    model = reactnet_a(binary_weights=True, num_classes=num_classes(state_dict, repr(checkpoint)))
+    model = reactnet_a(binary_weights=True, num_classes=num_classes(detect_format(obj)[1], repr(checkpoint)))
     load_weights(model, obj)
-    # The releases were trained on ImageNet at 224; a bare state_dict does not say.
-    input_size = obj.get("args", {}).get("input_size") if fmt == "this-repo" else \
-        (224 if fmt.endswith("release") else None)
-    return model.eval(), {"input_size": input_size, "classes": obj.get("classes")}
+    return model.eval(), {"input_size": trained_input_size(obj), "classes": obj.get("classes")}
 
 
 def check_out(checkpoint, out) -> None:
     """Refuse, before any work, an `out` that would overwrite the checkpoint or cannot be written."""
+    out = os.fspath(out)
     folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise CheckpointError(f"--out {out} is a folder: give the packed file's path, e.g. {os.path.join(out, 'reactnet_a_1bit.pt')}")
+    if os.path.isdir(out) or out.endswith(os.sep):
+        raise CheckpointError(f"--out {out} names a folder: give the packed file's path, e.g. "
+                              f"{os.path.join(out, 'reactnet_a_1bit.pt')}")
     if not os.path.isdir(folder):
         raise CheckpointError(f"--out {out}: the folder {folder} does not exist")
     if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(checkpoint, out):
@@ -245,11 +243,6 @@ def export(checkpoint, out) -> dict:
               "num_classes": model.fc.out_features, **trained, "state_dict": model.state_dict()}
     atomic_save(packed, out)
     return packed
-
-
-def packed_input_size(obj) -> int | None:
-    """The training crop size a packed file records (None: version 1, or not recorded)."""
-    return obj.get("input_size")
 
 
 def load_packed(source, device=None, name=None) -> nn.Module:
@@ -361,8 +354,8 @@ def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: in
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, "
-                                "check it, or time it.")
+    p = Parser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, check it, or time it.",
+               formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", help="step-2 checkpoint (any layout load_weights reads)")
     p.add_argument("--out", help="packed file to write")
     p.add_argument("--verify", metavar="DIR", help="after exporting, compare float and packed logits on DIR/val")
@@ -377,7 +370,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     size = args.input_size
-    try:
+    with exit_on_error():
         if args.benchmark:
             model = load_step2(args.checkpoint) if args.checkpoint else reactnet_a(binary_weights=True)
             device = torch.device(args.device)
@@ -404,9 +397,6 @@ def main(argv=None):
                   f"packed vs float32 model {r['packed_vs_float32']:.2e} (vs the float64 model: packed "
                   f"{r['packed_vs_float64']:.2e}, float32 model {r['float32_vs_float64']:.2e}); top-1 differs "
                   f"on {r['top1_differ']} image(s); Acc@1 float {r['float_top1']:.3f}, packed {r['packed_top1']:.3f}")
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
