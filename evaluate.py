@@ -6,9 +6,9 @@
 PATH is a checkpoint of this repository (either step), a released one (AdamBNN or ReActNet
 layout, detected from the file), or a packed 1-bit file of utils.export. The step (real or binary
 block weights) comes from the checkpoint's 'step' entry; the released files have none and are
-taken as step 2 (--step to override). The input size comes from the checkpoint where it records
-the training crop size, else 224. Each validation image is counted once, whatever the number of
-processes.
+taken as step 2 (--step to override). The input size is the training crop size the checkpoint
+records (packed files too), else 224, said so. Every long flag is accepted with '-' or '_'. Each
+validation image is counted once, whatever the number of processes.
 """
 import argparse
 import json
@@ -17,30 +17,30 @@ import os
 import torch
 
 from models import reactnet_a
-from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_packed,
-                              load_weights, num_classes, read_checkpoint)
+from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_packed, load_weights,
+                              num_classes, read_checkpoint, trained_input_size)
 from utils.cli import UserError, exit_on_error
+from utils.config import HelpFormatter, Parser
 from utils.data import build_loader
 from utils.distributed import cleanup, init_distributed
 from utils.engine import evaluate
-from utils.export import load_packed, packed_input_size
+from utils.export import load_packed
 from utils.precision import PRECISIONS, set_precision
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file (this repository's, released, or packed)")
     p.add_argument("--data", default=os.environ.get("DATA"), help="ImageFolder root with val/ (default: $DATA)")
     p.add_argument("--step", type=int, choices=(1, 2), default=None,
                    help="for checkpoints without a 'step' entry (released ones): 2 by default")
-    p.add_argument("--batch_size", "--batch-size", type=int, default=256, help="global batch size")
+    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
     p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--input-size", "--input_size", type=int, default=None,
+    p.add_argument("--input-size", type=int, default=None,
                    help="centre crop after resizing to size*256/224, a multiple of 32 (default: the training "
                         "crop size the checkpoint records, else 224)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as in training (utils/precision.py)")
-    p.add_argument("--data-backend", "--data_backend", choices=("pil", "torch"), default="pil",
+    p.add_argument("--data-backend", choices=("pil", "torch"), default="pil",
                    help="pil: PIL in the loader workers; torch: decode (nvjpeg on CUDA) and resize on the device")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (default: on with CUDA)")
@@ -78,10 +78,13 @@ def evaluate_checkpoint(args):
     if saved_step is not None and args.step not in (None, saved_step):
         raise UserError(f"{args.checkpoint} is a step-{saved_step} checkpoint, not step {args.step}")
     step = saved_step or args.step or 2
-    trained_at = packed_input_size(obj) if packed else (obj.get("args", {}).get("input_size") if saved_step else None)
+    trained_at = trained_input_size(obj)
     input_size = args.input_size or trained_at or 224
-    size_note = "from the checkpoint" if not args.input_size and trained_at else \
-        (f"the model was trained at {trained_at}" if trained_at and trained_at != input_size else "")
+    if args.input_size:
+        size_note = f"the model was trained at {trained_at}" if trained_at not in (None, input_size) else ""
+    else:
+        size_note = "from the checkpoint" if trained_at else \
+            "the checkpoint does not record its training size: the default; pass --input-size N"
     loader, prepare = build_loader("val", args.data_backend, args.data, args.batch_size, info,
                                    workers=args.workers, input_size=input_size)
     if packed:

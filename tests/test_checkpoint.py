@@ -2,6 +2,11 @@
 import argparse
 import json
 import os
+import re
+import shutil
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -9,8 +14,9 @@ import torch
 
 from models import reactnet_a
 from models.binary import BinaryConv2d
-from utils.checkpoint import (CheckpointError, atomic_save, checkpoint_step, load_weights, read_checkpoint,
-                              save_checkpoint)
+from utils.checkpoint import (CheckpointError, CheckpointSaver, FolderInUse, atomic_save, checkpoint_step,
+                              load_weights, read_checkpoint, save_checkpoint)
+from utils.distributed import DistInfo
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reactnet_a_seed0.json")
 
@@ -262,3 +268,56 @@ def test_save_checkpoint_refuses_what_weights_only_cannot_read(tmp_path, bad, wh
     with pytest.raises(TypeError, match=where.replace("[", r"\[").replace("]", r"\]")):
         save_checkpoint({"step": 1, **bad}, tmp_path, is_best=False)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB tmpfs: a disk that really fills (needs root; skipped where it cannot be mounted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                                                   capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes_and_keeps_the_old_file(small_disk):
+    path = small_disk / "checkpoint.pth.tar"
+    atomic_save({"w": torch.zeros(1000)}, path)
+    old = path.read_bytes()
+    with pytest.raises(CheckpointError) as e:
+        atomic_save({"w": torch.zeros(500_000)}, path)  # 2 MB
+    assert str(e.value).startswith(f"no space left in {small_disk} to write checkpoint.pth.tar (about 2.0 MB "
+                                   "needed, 1.0 MB free): free space there")
+    assert path.read_bytes() == old and os.listdir(small_disk) == ["checkpoint.pth.tar"]
+
+
+def test_one_run_per_folder_until_its_process_dies(tmp_path):
+    folder = tmp_path / "save"
+    stale = folder / "checkpoint.pth.tar.7.tmp"
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a running run: holds the folder until it is killed
+        try:
+            CheckpointSaver(str(folder), DistInfo(), print)
+            os.write(tell, b"x")
+            time.sleep(600)
+        finally:
+            os._exit(0)
+    os.close(tell)  # the child's end: a child that fails ends the read below
+    try:
+        assert os.read(ready, 1) == b"x"
+        stale.write_bytes(b"a save under way")
+        with pytest.raises(FolderInUse, match=re.escape(f"--save {folder} is in use by another run (pid {pid} on ")):
+            CheckpointSaver(str(folder), DistInfo(), print)
+        assert stale.exists()  # the running run's: left alone
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready)
+    said = []
+    saver = CheckpointSaver(str(folder), DistInfo(), said.append)  # the kernel released the lock
+    assert said == ["=> removed checkpoint.pth.tar.7.tmp, left by a save that was killed"]
+    saver.close()
+    assert os.listdir(folder) == []

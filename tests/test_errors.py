@@ -137,3 +137,15 @@ def test_uneven_batch_split_through_run_sh(tiny, tmp_path):
     assert "--batch_size 5 (global) does not split evenly over 2 processes" in p.stderr
     assert p.stderr.count("error:") == 1 and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "save").exists()
+
+
+def test_evaluate_flag_errors(tiny, tmp_path, capsys):
+    root, data, teacher = tiny
+    for flags, message in [(["-j", "-1"], "-j/--workers must be at least 0, got -1"),
+                           (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+                           (["--batch-size", "0"], "--batch_size must be at least 1, got 0"),
+                           (["--input-size", "0"], "--input-size must be at least 32, got 0"),
+                           (["--input_size", "40"], "--input-size 40 is not a multiple of 32")]:
+        assert message in error_of(evaluate.main, ["--checkpoint", teacher, "--data", data, *flags], capsys)
+    assert f"{str(root)!r} is a folder, not a checkpoint file" in error_of(
+        evaluate.main, ["--checkpoint", str(root), "--data", data], capsys)

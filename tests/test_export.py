@@ -242,3 +242,55 @@ def test_benchmark_command(capsys):
     assert lines[0].startswith("ReActNet-A step 2, 32x32, cpu")
     assert [line.split()[:3] for line in lines[1:]] == [["float", "batch", "2"], ["packed", "batch", "2"]]
     assert all(float(line.split()[3]) > 0 for line in lines[1:])
+
+
+def test_export_refuses_an_out_that_would_overwrite_the_checkpoint_or_cannot_be_written(tmp_path, step2, capsys):
+    ckpt = tmp_path / "ckpt.pth.tar"
+    torch.save(LAYOUTS["this-repo"](step2[0]), ckpt)
+    before = ckpt.read_bytes()
+    (tmp_path / "link.pth.tar").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.pth.tar")
+    (tmp_path / "folder").mkdir()
+    for out, message in [(ckpt, "is the checkpoint itself"), (tmp_path / "link.pth.tar", "is the checkpoint itself"),
+                         (tmp_path / "hard.pth.tar", "is the checkpoint itself"),
+                         (tmp_path / "folder", "names a folder"), (f"{tmp_path}/folder/", "names a folder"),
+                         (f"{tmp_path}/new/", "names a folder"),
+                         (tmp_path / "missing" / "p.pt", f"the folder {tmp_path / 'missing'} does not exist")]:
+        with pytest.raises(SystemExit) as e:
+            export.main(["--checkpoint", str(ckpt), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith(f"error: --out {out}") and message in err, err
+        assert err.count("\n") == 1, err
+    assert ckpt.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pth.tar", "folder", "hard.pth.tar", "link.pth.tar"]
+    assert os.listdir(tmp_path / "folder") == []
+
+
+def test_packed_file_records_the_input_size_and_evaluates_as_its_checkpoint(tmp_path, capsys):
+    from tests.tiny import make_teacher
+    from utils import train
+    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1)
+    teacher = make_teacher(tmp_path / "teacher.pth", num_classes=2)
+    step1 = tmp_path / "step1.pth.tar"
+    torch.save({"step": 1, "state_dict": reactnet_a(binary_weights=False, num_classes=2).state_dict()}, step1)
+    train.main(["--step", "2", "--data", data, "--save", str(tmp_path / "step2"), "--init-checkpoint", str(step1),
+                "--teacher-weights", teacher, "--epochs", "2", "--stop-after-epochs", "1", "--batch_size", "4",
+                "-j", "0", "--input-size", "32"])
+    best, packed = tmp_path / "step2" / "model_best.pth.tar", tmp_path / "packed.pt"
+    export.main(["--checkpoint", str(best), "--out", str(packed)])
+    obj = torch.load(packed, weights_only=True)
+    assert (obj["version"], obj["input_size"], obj["classes"]) == (2, 32, ["class0", "class1"])
+    capsys.readouterr()
+    results = {}
+    for path in (best, packed):  # the same command for both files
+        results[path] = evaluate.main(["--checkpoint", str(path), "--data", data, "-j", "0"])
+        assert "; input size 32 (from the checkpoint); 2 images" in capsys.readouterr().out
+    assert astuple(results[packed]) == pytest.approx(astuple(results[best]), rel=RTOL)
+    assert results[packed].top1 == results[best].top1
+    # A version-1 file (before the input size was recorded) still loads, and evaluate says what it assumes.
+    version1 = tmp_path / "version1.pt"
+    torch.save({k: v for k, v in {**obj, "version": 1}.items() if k not in ("input_size", "classes")}, version1)
+    load_packed(version1)
+    evaluate.main(["--checkpoint", str(version1), "--data", data, "-j", "0"])
+    assert ("; input size 224 (the checkpoint does not record its training size: the default; pass --input-size N)"
+            in capsys.readouterr().out)

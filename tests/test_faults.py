@@ -1,23 +1,29 @@
 """Days-long runs survive faults and mistakes: relaunches with changed flags, NaN, unreadable
 images, stop signals (mid-epoch save and exact continuation), errors on any rank, bad flags found
 before anything is loaded. Tiny CPU runs through the real entry points."""
+import contextlib
+import errno
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import evaluate
 from tests.test_resume import assert_same_run, process_tree
+from models import reactnet_a
 from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step
-from utils import checkpoint, cli, recipe, train
+from utils import checkpoint, cli, config, recipe, train
 from utils.checkpoint import read_checkpoint
+from utils.data import build_loader, image_folder
 from utils.distributed import DistInfo
-from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS
 
 LR = recipe.LEARNING_RATE["adam"]
 
@@ -97,7 +103,7 @@ def test_unreadable_training_image_is_named_or_skipped(tiny, tmp_path):
     assert records(tmp_path / "skip")[0]["val_images"] == 4
 
 
-def test_unreadable_validation_image_keeps_the_trained_epoch(tiny, tmp_path):
+def test_unreadable_validation_image_keeps_the_trained_epoch(tiny, tmp_path, capsys):
     root, data, teacher = tiny
     bad_data = tmp_path / "data"
     shutil.copytree(data, bad_data)
@@ -106,13 +112,15 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(tiny, tmp_path):
     p = step(1, bad_data, tmp_path / "save", "--teacher-weights", teacher, check=False)
     assert p.returncode == 1 and str(bad) in p.stderr and "epoch 0 was trained and saved" in p.stderr
     assert read_checkpoint(tmp_path / "save" / "checkpoint.pth.tar")["epoch"] == 1
+    train.main(tiny_args(bad_data, tmp_path / "save", teacher, "--epochs", "1"))
+    assert "1 epochs done, best val Acc@1 none yet" in capsys.readouterr().out
 
 
-def launch(data, save, teacher, *flags):
+def launch(data, save, teacher, *flags, **extra_env):
     tiny_flags = ["--data", data, "--save", save, "--batch_size", "4", "-j", "0", "--input-size", "32",
                   "--print-freq", "1", "--epochs", "2", "--teacher-weights", teacher, "--deterministic"]
-    return subprocess.Popen(["bash", os.path.join(ROOT, "step1", "run.sh"), *map(str, tiny_flags), *flags],
-                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(["bash", os.path.join(ROOT, "step1", "run.sh"), *map(str, tiny_flags), *map(str, flags)],
+                            cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_line(proc, text, timeout=300):
@@ -173,6 +181,302 @@ def test_killing_the_launcher_stops_the_worker_cleanly(tiny, tmp_path):
         time.sleep(0.1)
     ckpt = read_checkpoint(save / "checkpoint.pth.tar")  # saved on the SIGTERM the kernel sent
     assert ckpt["epoch"] == 0 and 2 <= ckpt["iteration"] < 6
+
+
+def signal_every_process(proc, sig=signal.SIGTERM) -> list:
+    """Send `sig` to the launcher and all its descendants at once, as SLURM's scancel and preemption
+    do; returns their pids."""
+    tree = process_tree(proc.pid)
+    for pid in tree:
+        os.kill(pid, sig)
+    return tree
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+@pytest.mark.parametrize("nproc, workers, backend", [(2, 2, "pil"), (1, 0, "torch")])
+def test_sigterm_to_every_process_saves_mid_epoch_and_relaunch_finishes(tiny, tmp_path, nproc, workers, backend):
+    root, data, teacher = tiny
+    save, tmp = tmp_path / "save", tmp_path / "tmp"
+    tmp.mkdir()
+    flags = ("--epochs", 1, "-j", workers, "--data-backend", backend)
+    proc = launch(data, save, teacher, *flags, NPROC_PER_NODE=str(nproc), TMPDIR=str(tmp))
+    wait_for_line(proc, "Epoch: [0][1/6]")
+    signalled = signal_every_process(proc)
+    assert len(signalled) == 1 + nproc * (1 + workers)  # the launcher, the trainers, their loader workers
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err.strip().count("\n") == 0 and "stopped by SIGTERM in epoch 0 after iteration" in err, err
+    ckpt = read_checkpoint(save / "checkpoint.pth.tar")
+    assert ckpt["epoch"] == 0 and 2 <= ckpt["iteration"] < 6
+    proc = launch(data, save, teacher, *flags, NPROC_PER_NODE=str(nproc), TMPDIR=str(tmp))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert f"0 epochs and {ckpt['iteration']} iterations of epoch 0 done" in out
+    assert read_checkpoint(save / "checkpoint.pth.tar")["epoch"] == 1 and [r["epoch"] for r in records(save)] == [0]
+    assert not [f for f in os.listdir(tmp) if f.startswith(("torchelastic_", "adambnn_torchrun_"))]
+
+
+@pytest.mark.parametrize("backend", ["pil", "torch"])
+def test_loader_workers_ignore_stop_signals(tiny, backend):
+    root, data, teacher = tiny
+    for split, batch_size in (("train", 4), ("val", 1)):
+        loader = build_loader(split, backend, data, batch_size, DistInfo(), workers=2, input_size=32)[0]
+        batches = iter(loader)
+        next(batches), next(batches)  # one from each worker: both are past their start-up
+        for worker in multiprocessing.active_children():
+            for sig in STOP_SIGNALS:
+                os.kill(worker.pid, sig)
+        assert len(list(batches)) == len(loader) - 2
+        del batches, loader
+
+
+@pytest.fixture(scope="module")
+def small(tiny):
+    """The `tiny` classes with one iteration of 4 training images and 2 validation images."""
+    root, data, teacher = tiny
+    return make_image_folder(root / "small", classes=2, train_per_class=2, val_per_class=1)
+
+
+# Put first on PYTHONPATH, this makes each training process of a launch wait after its first call
+# of GATE_AT (module.function) until the file GATE exists, creating GATE.<rank> when it arrives.
+GATE = """
+import os
+import time
+if "LOCAL_RANK" in os.environ and "GATE" in os.environ:  # a training process, not the launcher
+    import importlib
+    module_name, _, name = os.environ["GATE_AT"].rpartition(".")
+    module = importlib.import_module(module_name)
+    real = getattr(module, name)
+
+    def gated(*args, **kwargs):
+        result = real(*args, **kwargs)
+        arrived = os.environ["GATE"] + "." + os.environ["RANK"]
+        if not os.path.exists(arrived):
+            open(arrived, "w").close()
+            while not os.path.exists(os.environ["GATE"]):
+                time.sleep(0.01)
+        return result
+
+    setattr(module, name, gated)
+"""
+
+
+@pytest.fixture
+def gated_launch(tmp_path):
+    """`start(data, save, teacher, at, nproc)`: a launch whose training processes wait after their
+    first call of `at` until the returned gate file exists. What still runs after the test is killed."""
+    hook, gate, started = tmp_path / "hook", tmp_path / "gate", []
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(GATE)
+
+    def start(data, save, teacher, at, nproc=1):
+        started.append(launch(data, save, teacher, "--epochs", 1, NPROC_PER_NODE=str(nproc), PYTHONPATH=str(hook),
+                              GATE=str(gate), GATE_AT=at))
+        return started[-1], gate
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            for pid in process_tree(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for_file(proc, path, timeout=300):
+    """Wait until `path` exists, while `proc` runs."""
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+def test_sigterm_during_start_up_exits_75_with_nothing_saved(tiny, small, tmp_path, gated_launch):
+    root, data, teacher = tiny
+    save = tmp_path / "save"
+    proc, gate = gated_launch(small, save, teacher, "utils.distill.build_teacher", nproc=2)
+    for rank in (0, 1):
+        wait_for_file(proc, f"{gate}.{rank}")  # both processes have loaded the teacher
+    signal_every_process(proc)
+    gate.touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err == "[rank 0/2] => stopped by SIGTERM during start-up: nothing to save yet; relaunch the same command\n"
+    assert not save.exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+def test_a_second_launch_into_a_running_save_is_refused_even_during_its_save(tiny, small, tmp_path, gated_launch):
+    root, data, teacher = tiny
+    save = tmp_path / "save"
+    first, gate = gated_launch(small, save, teacher, "torch.save")
+    wait_for_file(first, f"{gate}.0")  # the first run is writing its checkpoint
+    temporary = [f for f in os.listdir(save) if f.endswith(".tmp")]
+    trainer = [pid for pid in process_tree(first.pid) if pid != first.pid]
+    assert len(temporary) == 1 and len(trainer) == 1
+    second = launch(small, save, teacher, "--epochs", 1, NPROC_PER_NODE="2")
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 1
+    assert err.startswith(f"[rank 0/2] error: --save {save} is in use by another run (pid {trainer[0]} on ")
+    assert err.count("\n") == 1, err
+    assert [f for f in os.listdir(save) if f.endswith(".tmp")] == temporary  # not taken for a killed save's
+    gate.touch()
+    out, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err
+    assert "=> done" in out and "removed" not in out
+    assert [r["epoch"] for r in records(save)] == [0] and read_checkpoint(save / "checkpoint.pth.tar")["epoch"] == 1
+    assert "in use" not in (save / "log.txt").read_text()  # the refused launch wrote nothing there
+
+
+def tiny_args(data, save, teacher, *flags, step=1):
+    """In-process training flags of the tiny runs."""
+    return ["--step", str(step), "--data", str(data), "--save", str(save), "--batch_size", "4", "-j", "0",
+            "--input-size", "32", "--print-freq", "1", "--teacher-weights", str(teacher), *map(str, flags)]
+
+
+def exit_error(argv, capsys) -> str:
+    """train.main's one error line (exit code 1)."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+@pytest.fixture(scope="module")
+def step2_run(tiny, small):
+    """A finished one-epoch step-2 run on the small data, and the step-1 checkpoint it started from."""
+    root, data, teacher = tiny
+    init = root / "step1.pth.tar"
+    torch.save({"step": 1, "state_dict": reactnet_a(binary_weights=False, num_classes=2).state_dict()}, init)
+    save = root / "step2"
+    train.main(tiny_args(small, save, teacher, "--epochs", "1", "--init-checkpoint", init, step=2))
+    return save, init
+
+
+def copy_run(save, to, *leave_out):
+    """A copy of a run's folder (hard links: a run replaces its files, never writes into them)."""
+    shutil.copytree(save, to, copy_function=os.link, ignore=shutil.ignore_patterns(*leave_out))
+    return to
+
+
+def test_a_save_with_a_run_but_no_checkpoint_is_refused_untouched(tiny, small, step2_run, tmp_path, capsys):
+    root, data, teacher = tiny
+    save = copy_run(step2_run[0], tmp_path / "save", "checkpoint.pth.tar")
+    before = {f: (save / f).read_bytes() for f in ("model_best.pth.tar", "log.jsonl", "args.json")}
+    err = exit_error(tiny_args(small, save, teacher, "--epochs", "1", "--init-checkpoint", step2_run[1], step=2),
+                     capsys)
+    assert f"--save {save} holds a run (model_best.pth.tar, log.jsonl, args.json) but no checkpoint.pth.tar" in err
+    assert "pass another --save, or move those files away" in err
+    assert {f: (save / f).read_bytes() for f in before} == before
+
+
+def test_step2_relaunch_says_a_new_init_checkpoint_is_not_read(tiny, small, step2_run, tmp_path, capsys):
+    root, data, teacher = tiny
+    save, init = step2_run
+    other = tmp_path / "other.pth.tar"
+    shutil.copy(init, other)
+    capsys.readouterr()
+    train.main(tiny_args(small, save, teacher, "--epochs", "1", "--init-checkpoint", other, step=2))
+    out = capsys.readouterr().out
+    assert f"--init-checkpoint {init} -> {other} is not read: step 2 continues from its own checkpoint" in out
+    assert "applied from now on" not in out and "nothing to do: 1 epochs already done" in out
+
+
+def test_relaunch_lists_a_changed_training_set(tiny, small, step2_run, tmp_path, capsys):
+    root, data, teacher = tiny
+    save, init = step2_run
+    more = tmp_path / "data"
+    shutil.copytree(small, more)
+    for i in (2, 3):
+        shutil.copy(more / "train" / "class0" / "0.png", more / "train" / "class0" / f"{i}.png")
+    capsys.readouterr()
+    train.main(tiny_args(more, save, teacher, "--epochs", "1", "--init-checkpoint", init, step=2))
+    resumed = next(line for line in capsys.readouterr().out.splitlines() if "resuming from" in line)
+    assert f"changed, applied from now on: --data {small} -> {more}, training images 4 -> 6" in resumed
+
+
+def test_resume_with_another_class_count_names_the_file(tiny, step2_run, tmp_path, capsys):
+    root, data, teacher = tiny
+    save, init = step2_run
+    three = tmp_path / "data"
+    make_image_folder(three, classes=3, train_per_class=1, val_per_class=1)
+    teacher3 = make_teacher(tmp_path / "teacher3.pth", num_classes=3)
+    err = exit_error(tiny_args(three, save, teacher3, "--epochs", "1", "--init-checkpoint", init, step=2), capsys)
+    assert f"{save / 'checkpoint.pth.tar'} has 2 classes and the data 3" in err
+
+
+def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_stops_a_relaunch_before_training(
+        tiny, small, step2_run, tmp_path, monkeypatch, capsys):
+    root, data, teacher = tiny
+    save = copy_run(step2_run[0], tmp_path / "save")
+    flags = tiny_args(small, save, teacher, "--epochs", "2", "--init-checkpoint", step2_run[1], step=2)
+    before = (save / "checkpoint.pth.tar").read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"part of a checkpoint")
+        try:  # how torch.save reports it: a RuntimeError raised while handling the OSError
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")  # noqa: B904
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(cli, "append_line", lambda path, line: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    err = exit_error(flags, capsys)  # epoch 1 is trained, its checkpoint cannot be written
+    assert err.startswith(f"error: no space left in {save} to write checkpoint.pth.tar (about ")
+    assert "MB needed, " in err and "MB free)" in err
+    assert (save / "checkpoint.pth.tar").read_bytes() == before  # epoch 0's, intact
+    assert not [f for f in os.listdir(save) if f.endswith(".tmp")]
+
+    size = os.path.getsize(save / "checkpoint.pth.tar")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=size // 2))
+    with pytest.raises(SystemExit):
+        train.main(flags)
+    out, err = capsys.readouterr()
+    assert err == (f"error: {save} has {size // 2 / 1e6:,.1f} MB free and a checkpoint needs about {size / 1e6:,.1f} "
+                   "MB: free space there or pass another --save; stopped before training an epoch that could not be "
+                   "saved\n")
+    assert "resuming from" in out and "Epoch: [" not in out
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tiny, tmp_path):
+    root, data, teacher = tiny
+    odd = tmp_path / "data"
+    shutil.copytree(data, odd)
+    for split in ("train", "val"):
+        (odd / split / ".ipynb_checkpoints").mkdir()
+        shutil.copy(odd / split / "class0" / "0.png", odd / split / ".ipynb_checkpoints" / "0-checkpoint.png")
+        shutil.copy(odd / split / "class0" / "0.png", odd / split / "class0" / "._0.png")  # macOS's
+    for split, images in (("train", 24), ("val", 4)):
+        folder = image_folder(str(odd), split, None)
+        assert folder.classes == ["class0", "class1"] and len(folder) == images
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["-j", "-1"], "-j/--workers must be at least 0, got -1"),
+    (["--analysis-every", "-1"], "--analysis-every must be at least 0, got -1"),
+    (["--seed", "99999999999999999999"], "--seed must be from 0 to 4294967295, got 99999999999999999999"),
+    (["--print-freq", "0"], "--print-freq must be at least 1, got 0"),
+    (["--input_size", "0"], "--input-size must be at least 32, got 0"),
+    (["--batch-size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--stop-after-epochs", "-1"], "--stop-after-epochs must be at least 1, got -1"),
+    (["--weight_decay", "nan"], "--weight_decay nan must be a number"),
+])
+def test_flag_errors_come_first_in_one_line(tmp_path, capsys, flags, message):
+    nowhere = tmp_path / "no_data"  # the flag's message comes first: the data is not looked at
+    assert message in exit_error(["--step", "1", "--data", str(nowhere), "--save", str(tmp_path / "s"), *flags], capsys)
+
+
+def test_every_long_flag_takes_both_spellings():
+    for parser in (config.get_parser(1), config.get_parser(2), config.get_parser(), evaluate.get_parser()):
+        for action in parser._actions:
+            name = next((n for n in action.option_strings if n.startswith("--")), "--help")
+            if name != "--help":
+                for spelling in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    assert parser._option_string_actions.get(spelling) is action, spelling
+    args = config.parse_args(["--step", "1", "--batch-size", "8", "--print_freq", "3", "--data_backend", "torch"])
+    assert (args.batch_size, args.print_freq, args.data_backend) == (8, 3, "torch")
 
 
 def test_flags_checked_before_anything_is_loaded(tmp_path, capsys):

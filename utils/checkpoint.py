@@ -35,8 +35,9 @@ from .engine import Progress
 
 __all__ = [
     "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
-    "num_classes", "checkpoint_step", "is_packed", "check_finite", "atomic_save", "atomic_copy",
-    "save_checkpoint", "remove_stale_temporaries", "TrainState", "CheckpointSaver",
+    "num_classes", "checkpoint_step", "trained_input_size", "is_packed", "check_finite", "atomic_save",
+    "atomic_copy", "save_checkpoint", "remove_stale_temporaries", "RunFolderError", "FolderInUse", "TrainState",
+    "CheckpointSaver",
 ]
 
 # Prefixes added by wrappers: nn.DataParallel / DDP ('module.'), torch.compile ('_orig_mod.').
@@ -156,6 +157,17 @@ def checkpoint_step(obj) -> int | None:
     return step if step in (1, 2) else None
 
 
+def trained_input_size(obj) -> int | None:
+    """The training crop size a checkpoint records: this repository's (in its args) and packed
+    files (from format version 2); the releases were trained on ImageNet at 224; None where the
+    file does not say (a bare state_dict, a version-1 packed file)."""
+    if is_packed(obj):
+        return obj.get("input_size")
+    if checkpoint_step(obj) is not None:
+        return obj.get("args", {}).get("input_size")
+    return 224 if detect_format(obj)[0].endswith("release") else None
+
+
 def is_packed(obj) -> bool:
     """Whether `obj` (what `read_checkpoint` returned) is a packed 1-bit file of utils.export."""
     return isinstance(obj, Mapping) and obj.get("format") == PACKED_FORMAT
@@ -234,7 +246,7 @@ def atomic_copy(src, dst) -> None:
             shutil.copyfile(src, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-    _replace_atomically(dst, write)
+    _replace_atomically(dst, write, os.path.getsize(src))
 
 
 def save_checkpoint(state: dict, save_dir, is_best: bool) -> None:
@@ -313,6 +325,12 @@ class RunFolderError(UserError):
     """A --save folder that this run cannot use as it is; the message says why and the way out."""
 
 
+class FolderInUse(RunFolderError):
+    """--save is locked by a running run: rank 0 says so for all, and nothing is written into that
+    run's folder (not even its log.txt)."""
+    every_rank = logged = False
+
+
 @dataclass
 class TrainState:
     """What changes during a run and is saved with it: the epochs done, the best val Acc@1 so far
@@ -354,11 +372,18 @@ class CheckpointSaver:
     def __init__(self, folder: str, info, log):
         self.folder, self.info, self.log = folder, info, log
         self.path = os.path.join(folder, CHECKPOINT)
-        self._lock, self._made_folder = None, False
+        self._lock, self._made_folder, in_use = None, False, None
         if info.is_main:
             self._made_folder = not os.path.isdir(folder)
             os.makedirs(folder, exist_ok=True)
-            self._lock = _lock_folder(folder)
+            try:
+                self._lock = _lock_folder(folder)
+            except FolderInUse as e:
+                in_use = str(e)
+        in_use = broadcast_object(in_use)  # the other processes stop with rank 0
+        if in_use:
+            raise FolderInUse(in_use)
+        if info.is_main:
             for name in remove_stale_temporaries(folder):
                 log(f"=> removed {name}, left by a save that was killed")
 
@@ -484,7 +509,7 @@ class CheckpointSaver:
 
 def _lock_folder(folder: str) -> int:
     """An open descriptor holding the exclusive lock on <folder>/run.lock, which then names this
-    process; RunFolderError naming the holder when another process has it."""
+    process; FolderInUse naming the holder when another process has it."""
     path = os.path.join(folder, LOCK)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -493,8 +518,8 @@ def _lock_folder(folder: str) -> int:
         except OSError:
             holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunFolderError(f"--save {folder} is in use by another run ({holder}): one run per folder; "
-                                 "wait for it to end or stop it, or pass another --save") from None
+            raise FolderInUse(f"--save {folder} is in use by another run ({holder}): one run per folder; "
+                              "wait for it to end or stop it, or pass another --save") from None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break

@@ -3,9 +3,9 @@
 A `UserError` is a problem the user can fix (a flag, a file, the data, the disk); its message says
 what is wrong and what to do. Entry points run their work inside `exit_on_error(log_dir)`: such an
 error is printed as `error: <message>` on stderr, prefixed with `[rank R/W]` when several
-processes run, appended to `<log_dir>/log.txt` when that folder exists, and the process exits
-with the error's exit code. Anything else is a bug: its traceback is printed, and appended to
-log.txt too.
+processes run, appended to `<log_dir>/log.txt` when that folder exists (unless the folder is
+another run's), and the process exits with the error's exit code. Anything else is a bug: its
+traceback is printed, and appended to log.txt too.
 """
 import contextlib
 import os
@@ -22,6 +22,7 @@ class UserError(Exception):
 
     exit_code = 1
     every_rank = True  # each process prints its own; False: rank 0 speaks for all
+    logged = True  # appended to log_dir/log.txt; False: that folder belongs to another run
 
     def line(self) -> str:
         return f"error: {self}"
@@ -35,7 +36,10 @@ def report(line: str, log_dir: str | None = None) -> None:
         line = f"[rank {_rank()}/{world_size}] {line}"
     print(line, file=sys.stderr, flush=True)
     if log_dir and os.path.isdir(log_dir):
-        append_line(os.path.join(log_dir, "log.txt"), line)
+        try:
+            append_line(os.path.join(log_dir, "log.txt"), line)
+        except OSError:  # a full disk, say: the line is on stderr
+            pass
 
 
 @contextlib.contextmanager
@@ -46,7 +50,7 @@ def exit_on_error(log_dir: str | None = None):
         yield
     except UserError as e:
         if e.every_rank or _rank() == 0:
-            report(e.line(), log_dir)
+            report(e.line(), log_dir if e.logged else None)
         sys.exit(e.exit_code)
     except Exception:
         if log_dir and os.path.isdir(log_dir):

@@ -56,9 +56,11 @@ class Stopped(UserError):
     """A stop signal ended the run, after saving what there was to save; `exit_code` is 75 (or
     130 for SIGINT). Stopped together, the processes leave the message to rank 0."""
 
-    def __init__(self, message: str, exit_code: int, every_rank: bool = False):
+    every_rank = False
+
+    def __init__(self, message: str, exit_code: int):
         super().__init__(message)
-        self.exit_code, self.every_rank = exit_code, every_rank
+        self.exit_code = exit_code
 
     def line(self) -> str:
         return str(self)
@@ -69,11 +71,9 @@ class Stopped(UserError):
                    "continue", stop.exit_code)
 
     @classmethod
-    def check(cls, stop: StopRequest, where: str) -> None:
-        """Raise Stopped when this process has received a stop signal before there is anything to save."""
-        if stop():
-            raise cls(f"=> stopped by {stop.name} {where}: nothing to save yet; relaunch the same command",
-                      stop.exit_code, every_rank=True)
+    def during_start_up(cls, stop: StopRequest) -> "Stopped":
+        return cls(f"=> stopped by {stop.name} during start-up: nothing to save yet; relaunch the same command",
+                   stop.exit_code)
 
 
 def exit_with_parent(sig=signal.SIGTERM) -> None:

@@ -77,7 +77,7 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     log(f"=> data {args.data}: {len(train_loader.dataset)} train, {len(val_loader.dataset)} val images, "
         f"{len(classes)} classes; {info.world_size} process(es) x batch {args.batch_size // info.world_size}, "
         f"{train_loader.num_workers} workers each; --data-backend {args.data_backend}")
-    Stopped.check(stop, "during start-up")
+    stop_if_signalled(stop, device)
     teacher = build_teacher(args.teacher, args.teacher_weights, len(classes), log)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -92,7 +92,7 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
         where = f" and {state.progress.iteration} iterations of epoch {state.epoch}" if state.progress.iteration else ""
         log(f"=> resuming from {saver.path}: {state.epoch} epochs{where} done, best val Acc@1 "
             f"{_accuracy(state.best_top1)}" + "".join(f"; {note}" for note in notes))
-    Stopped.check(stop, "during start-up")
+    stop_if_signalled(stop, device)
     if state.epoch >= args.epochs:
         log(f"=> nothing to do: {state.epoch} epochs already done in {args.save} (--epochs {args.epochs})")
         return student
@@ -169,6 +169,13 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     else:
         log(f"=> done: best val Acc@1 {state.best_top1:.3f}, model in {os.path.join(args.save, 'model_best.pth.tar')}")
     return student
+
+
+def stop_if_signalled(stop, device) -> None:
+    """During start-up: raise Stopped on every process when any has received a stop signal (they
+    agree, so that none goes on to wait for the others)."""
+    if all_reduce_max(torch.tensor([int(stop())], device=device)).item():
+        raise Stopped.during_start_up(stop)
 
 
 def load_step1(student: nn.Module, path: str, log) -> None:

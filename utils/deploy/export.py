@@ -37,15 +37,16 @@ from models import reactnet_a
 from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
-                              is_packed, load_weights, num_classes, read_checkpoint)
+                              is_packed, load_weights, num_classes, read_checkpoint, trained_input_size)
 from utils.cli import exit_on_error
+from utils.config import HelpFormatter, Parser
 from utils.data import DataError
 from utils.deploy import kernel
 from utils.deploy.block import PackedBlock
 
 __all__ = [
     "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
-    "packed_input_size", "load_packed", "verify",
+    "load_packed", "verify",
 ]
 
 VERSION = 2
@@ -223,20 +224,18 @@ def _read_step2(checkpoint) -> tuple:
         raise CheckpointError(
             f"{checkpoint!r} is a step-1 checkpoint: its block convs have real-valued weights (only the "
             "activations are binary), so it has no 1-bit form; train step 2 from it and export that")
-    fmt, state_dict = detect_format(obj)
-    model = reactnet_a(binary_weights=True, num_classes=num_classes(state_dict, repr(checkpoint)))
+    model = reactnet_a(binary_weights=True, num_classes=num_classes(detect_format(obj)[1], repr(checkpoint)))
     load_weights(model, obj)
-    # The releases were trained on ImageNet at 224; a bare state_dict does not say.
-    input_size = obj.get("args", {}).get("input_size") if fmt == "this-repo" else \
-        (224 if fmt.endswith("release") else None)
-    return model.eval(), {"input_size": input_size, "classes": obj.get("classes")}
+    return model.eval(), {"input_size": trained_input_size(obj), "classes": obj.get("classes")}
 
 
 def check_out(checkpoint, out) -> None:
     """Refuse, before any work, an `out` that would overwrite the checkpoint or cannot be written."""
+    out = os.fspath(out)
     folder = os.path.dirname(os.path.abspath(out))
-    if os.path.isdir(out):
-        raise CheckpointError(f"--out {out} is a folder: give the packed file's path, e.g. {os.path.join(out, 'reactnet_a_1bit.pt')}")
+    if os.path.isdir(out) or out.endswith(os.sep):
+        raise CheckpointError(f"--out {out} names a folder: give the packed file's path, e.g. "
+                              f"{os.path.join(out, 'reactnet_a_1bit.pt')}")
     if not os.path.isdir(folder):
         raise CheckpointError(f"--out {out}: the folder {folder} does not exist")
     if os.path.exists(out) and os.path.exists(checkpoint) and os.path.samefile(checkpoint, out):
@@ -254,11 +253,6 @@ def export(checkpoint, out) -> dict:
               "num_classes": model.fc.out_features, **trained, "state_dict": model.state_dict()}
     atomic_save(packed, out)
     return packed
-
-
-def packed_input_size(obj) -> int | None:
-    """The training crop size a packed file records (None: version 1, or not recorded)."""
-    return obj.get("input_size")
 
 
 def load_packed(source, device=None, name=None) -> nn.Module:
@@ -351,12 +345,14 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, "
-                                "check it, or time it.")
+    p = Parser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, check it, or time it.",
+               formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", help="step-2 checkpoint (any layout load_weights reads)")
     p.add_argument("--out", help="packed file to write")
     p.add_argument("--verify", metavar="DIR", help="after exporting, compare float and packed logits on DIR/val")
-    p.add_argument("--input-size", type=int, default=224, help="image side (--verify, --benchmark)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="image side (--verify: default the training size the checkpoint records, else 224; "
+                        "--benchmark: default 224)")
     p.add_argument("--benchmark", action="store_true",
                    help="time the float and packed models (weights of --checkpoint, else random)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="--benchmark batch sizes")
@@ -374,9 +370,9 @@ def main(argv=None):
         if len(args.threads) > 1:
             p.error("one --threads value, except with --benchmark")
         torch.set_num_threads(args.threads[0])
-    size = args.input_size
     with exit_on_error():
         if args.benchmark:
+            args.input_size = args.input_size or 224
             try:
                 kernel.select(args.kernel)
             except ValueError as e:
@@ -396,6 +392,7 @@ def main(argv=None):
         print(f"binary weights: {len(bits)} convs, {_mb(bits_bytes)} packed, "
               f"{100 * bits_bytes / total_bytes:.1f}% of the packed tensors ({_mb(total_bytes)})")
         if args.verify:
+            size = args.input_size or packed["input_size"] or 224
             r = verify(args.checkpoint, args.out, args.verify, size)
             print(f"{args.verify}/val, {r['images']} images at {size}x{size}: max relative logit error, "
                   f"packed vs float32 model {r['packed_vs_float32']:.2e} (vs the float64 model: packed "
