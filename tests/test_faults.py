@@ -462,6 +462,7 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tiny, tmp_path)
     (["--batch-size", "0"], "--batch_size must be at least 1, got 0"),
     (["--stop-after-epochs", "-1"], "--stop-after-epochs must be at least 1, got -1"),
     (["--weight_decay", "nan"], "--weight_decay nan must be a number"),
+    (["--batch_size", "1", "--input-size", "32"], "--batch_size 1 is one image per process: at --input-size 32"),
 ])
 def test_flag_errors_come_first_in_one_line(tmp_path, capsys, flags, message):
     nowhere = tmp_path / "no_data"  # the flag's message comes first: the data is not looked at
