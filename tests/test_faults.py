@@ -18,7 +18,7 @@ import torch
 import evaluate
 from tests.test_resume import assert_same_run, process_tree
 from models import reactnet_a
-from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step
+from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step, train_here
 from utils import checkpoint, cli, config, recipe, train
 from utils.checkpoint import read_checkpoint
 from utils.data import build_loader, image_folder
@@ -44,32 +44,32 @@ def records(save):
 def test_extending_a_finished_run_follows_the_new_schedule(tiny):
     root, data, teacher = tiny
     save = root / "extend"
-    step(1, data, save, "--epochs", "2", "--teacher-weights", teacher)
-    p = step(1, data, save, "--epochs", "4", "--learning_rate", str(2 * LR), "--teacher-weights", teacher)
+    train_here(1, data, save, "--epochs", "2", "--teacher-weights", teacher)
+    p = train_here(1, data, save, "--epochs", "4", "--learning_rate", str(2 * LR), "--teacher-weights", teacher)
     resumed = next(line for line in p.stdout.splitlines() if "resuming from" in line)
     assert "changed, applied from now on:" in resumed and "--epochs 2 -> 4" in resumed
     assert f"--learning_rate {LR} -> {2 * LR}" in resumed
     # Epochs 2 and 3 train at the rate the new flags give them: 2 * lr * (1 - (e + 1) / 4).
     assert [r["lr"] for r in records(save)] == pytest.approx([LR / 2, 0.0, 2 * LR / 4, 0.0])
     assert all(r["val_loss"] < 10 for r in records(save))
-    p = step(1, data, save, "--epochs", "4", "--teacher-weights", teacher)
+    p = train_here(1, data, save, "--epochs", "4", "--teacher-weights", teacher)
     assert "nothing to do: 4 epochs already done" in p.stdout
 
 
 def test_relaunch_refuses_a_changed_optimizer(tiny):
     root, data, teacher = tiny
     save = root / "extend"  # finished above with adam
-    p = step(1, data, save, "--epochs", "6", "--optimizer", "sgd", "--teacher-weights", teacher, check=False)
+    p = train_here(1, data, save, "--epochs", "6", "--optimizer", "sgd", "--teacher-weights", teacher, check=False)
     assert p.returncode == 1 and "was trained with --optimizer adam, not sgd" in p.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
     root, data, teacher = tiny
     save = tmp_path / "nan"
-    step(1, data, save, "--epochs", "3", "--stop-after-epochs", "1", "--teacher-weights", teacher)
+    train_here(1, data, save, "--epochs", "3", "--stop-after-epochs", "1", "--teacher-weights", teacher)
     before = {f: open(save / f, "rb").read() for f in ("checkpoint.pth.tar", "model_best.pth.tar")}
-    p = step(1, data, save, "--epochs", "3", "--learning_rate", "1e6", "--teacher-weights", teacher,
-             check=False)
+    p = train_here(1, data, save, "--epochs", "3", "--learning_rate", "1e6", "--teacher-weights", teacher,
+                   check=False)
     assert p.returncode == 1, p.stdout[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and "not finite" in err[0] and "in epoch 1" in err[0], p.stderr
@@ -95,10 +95,10 @@ def test_unreadable_training_image_is_named_or_skipped(tiny, tmp_path):
     shutil.copytree(data, bad_data)
     bad = bad_data / "train" / "class1" / "3.png"
     truncate(bad)
-    p = step(1, bad_data, tmp_path / "stop", "--teacher-weights", teacher, check=False)
+    p = train_here(1, bad_data, tmp_path / "stop", "--teacher-weights", teacher, check=False)
     assert p.returncode == 1 and str(bad) in p.stderr and "--skip-bad-images" in p.stderr
     assert "Traceback" not in p.stderr and str(bad) in open(tmp_path / "stop" / "log.txt").read()
-    p = step(1, bad_data, tmp_path / "skip", "--teacher-weights", teacher, "--skip-bad-images", "1")
+    p = train_here(1, bad_data, tmp_path / "skip", "--teacher-weights", teacher, "--skip-bad-images", "1")
     assert f"skipped unreadable training image {bad}" in p.stdout
     assert records(tmp_path / "skip")[0]["val_images"] == 4
 
@@ -497,8 +497,8 @@ def test_flags_checked_before_anything_is_loaded(tmp_path, capsys):
 
 def test_lr_zero_and_one_epoch_are_said(tiny, tmp_path):
     root, data, teacher = tiny
-    p = step(1, data, tmp_path / "s", "--teacher-weights", teacher, "--learning_rate", "0",
-             "--stop-after-epochs", "1", "--epochs", "1")
+    p = train_here(1, data, tmp_path / "s", "--teacher-weights", teacher, "--learning_rate", "0",
+                   "--stop-after-epochs", "1", "--epochs", "1")
     assert "warning: --learning_rate 0" in p.stdout and "warning: --epochs 1" in p.stdout
 
 
@@ -536,7 +536,7 @@ def test_class_folder_mismatch_names_the_folders(tiny, tmp_path):
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
     os.rename(odd / "val" / "class1", odd / "val" / "other")
-    p = step(1, odd, tmp_path / "s", "--teacher-weights", teacher, check=False)
+    p = train_here(1, odd, tmp_path / "s", "--teacher-weights", teacher, check=False)
     assert p.returncode == 1 and "only in train/: ['class1']" in p.stderr and "only in val/: ['other']" in p.stderr
 
 

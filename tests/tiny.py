@@ -1,5 +1,7 @@
 """Helpers of the pipeline tests: a tiny ImageFolder, a teacher whose weights the test creates,
 and the entry points run as a user runs them."""
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -49,17 +51,40 @@ def run(cmd, cwd=ROOT, check=True, timeout=600, **extra_env):
     return p
 
 
-def step_command(n, data, save, *flags) -> list:
-    """bash stepN/run.sh with tiny settings (no workers, 32x32, 1 epoch) plus `flags`, which
-    override them (the last of a flag counts)."""
+def tiny_flags(data, save, *flags) -> list:
+    """Tiny settings (no workers, 32x32, 1 epoch) plus `flags`, which override them (the last of
+    a flag counts)."""
     tiny = ["--data", data, "--save", save, "--epochs", "1", "--batch_size", "4", "-j", "0",
             "--input-size", "32", "--print-freq", "1"]
-    return [str(c) for c in ["bash", os.path.join(ROOT, f"step{n}", "run.sh"), *tiny, *flags]]
+    return [str(c) for c in [*tiny, *flags]]
+
+
+def step_command(n, data, save, *flags) -> list:
+    """bash stepN/run.sh with tiny_flags."""
+    return ["bash", os.path.join(ROOT, f"step{n}", "run.sh"), *tiny_flags(data, save, *flags)]
 
 
 def step(n, data, save, *flags, cwd=ROOT, check=True, **extra_env):
     """Run step_command(n, data, save, *flags)."""
     return run(step_command(n, data, save, *flags), cwd=cwd, check=check, **extra_env)
+
+
+def train_here(n, data, save, *flags, check=True):
+    """`python -m utils.train --step n` with tiny_flags, in this process: what run.sh's process
+    runs, without the launcher and its start-up (the tests of the launcher go through step());
+    returns a CompletedProcess of its exit code and its output."""
+    from utils import train
+    argv = ["--step", str(n), *tiny_flags(data, save, *flags)]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            train.main(argv)
+        except SystemExit as e:
+            code = e.code
+    p = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    if check and code:
+        raise AssertionError(f"{argv} failed ({code}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
 
 
 if __name__ == "__main__":
