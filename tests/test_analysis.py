@@ -366,3 +366,19 @@ def test_findings_runs_cover_the_issue():
     for r in runs:  # a step-2 run starts from a step-1 run that comes before it
         if r["step"] == 2:
             assert r["init"] in names[:names.index(r["name"])]
+
+
+def test_c2i_reference_is_the_initialisation_of_the_seed_the_run_started_with():
+    """A step-1 run resumed with another --seed measures C2I against its own first weights."""
+    from argparse import Namespace
+
+    from utils.checkpoint import TrainState
+    from utils.train import c2i_reference
+    torch.manual_seed(3)
+    first = reactnet_a(binary_weights=False, num_classes=4).state_dict()
+    resumed = reactnet_a(binary_weights=False, num_classes=4)  # trained weights, any
+    rng = torch.get_rng_state()
+    reference = c2i_reference(Namespace(step=1), TrainState(epoch=2, init_seed=3), resumed, 4, print)
+    assert torch.equal(torch.get_rng_state(), rng)  # the run's generator is left as it was
+    assert reference.keys() == {k for k, v in first.items() if v.ndim == 4}
+    assert all(torch.equal(reference[k], first[k]) for k in reference)

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import evaluate
-from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step
+from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, run, step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -83,12 +82,6 @@ def test_one_image_last_batch_is_left_out_on_every_process(ddp_run, tmp_path):
     assert "Epoch: [0][1/2]" in p.stdout and "Epoch: [0][2/" not in p.stdout
     (record,) = [json.loads(line) for line in open(tmp_path / "save" / "log.jsonl")]
     assert round(record["images_per_s"] * record["epoch_time"]) == 8  # both processes' images
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_evaluate_errors_come_from_every_rank(ddp_run, tmp_path):

@@ -227,10 +227,13 @@ def test_bad_packed_files_are_refused(tmp_path, packed_file, step2):
     assert not ran.exists()
 
 
-def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys):
+def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys, monkeypatch):
     data = make_image_folder(tmp_path / "data", classes=10, train_per_class=0, val_per_class=1)
+    reads = []
+    monkeypatch.setattr(torch, "load", lambda *a, load=torch.load, **k: reads.append(a[0]) or load(*a, **k))
     stats = evaluate.main(["--checkpoint", str(packed_file), "--data", data, "--batch_size", "4", "-j", "0",
                            "--input-size", "32"])
+    assert reads == [str(packed_file)]  # read from disk once
     assert "packed 1-bit checkpoint, step 2 (from the checkpoint); input size 32; 10 images" in capsys.readouterr().out
     expected = engine.evaluate(step2[0], val_loader(data, 4, 0, input_size=32), torch.device("cpu"))
     assert astuple(stats) == pytest.approx(astuple(expected), rel=RTOL) and stats.top1 == expected.top1

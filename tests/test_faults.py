@@ -18,11 +18,12 @@ import torch
 import evaluate
 from tests.test_resume import assert_same_run, process_tree
 from models import reactnet_a
-from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step, train_here
+from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, run, step, train_here
 from utils import checkpoint, cli, config, recipe, train
 from utils.checkpoint import read_checkpoint
 from utils.data import build_loader, image_folder
 from utils.distributed import DistInfo
+from utils import preempt
 from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS
 
 LR = recipe.LEARNING_RATE["adam"]
@@ -552,3 +553,15 @@ def test_evaluate_uses_the_checkpoints_input_size(uninterrupted, capsys):
                            str(root / "data"), "-j", "0"])
     assert "input size 32 (from the checkpoint)" in capsys.readouterr().out
     assert stats.top1 == pytest.approx(max(r["val_top1"] for r in records(uninterrupted)))
+
+
+def test_a_stopped_run_destroys_its_process_group(tiny, tmp_path, monkeypatch):
+    root, data, teacher = tiny
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    monkeypatch.setattr(preempt.StopRequest, "__call__", lambda self: True)  # as after a SIGTERM
+    p = train_here(1, data, tmp_path / "s", "--teacher-weights", teacher, check=False)
+    assert p.returncode == EXIT_PREEMPTED and "saved" in p.stderr, p.stderr
+    assert not torch.distributed.is_initialized()

@@ -3,6 +3,7 @@ and the entry points run as a user runs them."""
 import contextlib
 import io
 import os
+import socket
 import subprocess
 import sys
 
@@ -40,6 +41,12 @@ def env(**extra):
          if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES")}
     e.update({"PYTHON": sys.executable, "NPROC_PER_NODE": "1", **extra})
     return e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(cmd, cwd=ROOT, check=True, timeout=600, **extra_env):

@@ -1,8 +1,9 @@
 """Train ReActNet-A the AdamBNN way, either step: `python -m utils.train --step 1|2 [flags]`.
 
 step1/run.sh and step2/run.sh run it under torchrun (utils/launch.py: one process per GPU, DDP);
-it runs as a single process without torchrun too. `train` builds the run's parts as named locals
--- data, teacher, student, optimizer, resume, scheduler -- then runs the epoch loop. The flags and
+it runs as a single process without torchrun too. `train()` holds the stop-signal handler, the
+process group and the run's folder; `_train()` builds the run's parts as named locals -- data,
+teacher, student, optimizer, resume, scheduler -- then runs the epoch loop. The flags and
 their checks are in utils/config.py, the published defaults in utils/recipe.py, the loops in
 utils/engine.py, the resume and save policy in utils/checkpoint.py. Relaunching the same command
 resumes from <save>/checkpoint.pth.tar, mid-epoch after a stop signal.
@@ -77,7 +78,8 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     log(f"=> data {args.data}: {len(train_loader.dataset)} train, {len(val_loader.dataset)} val images, "
         f"{len(classes)} classes; {info.world_size} process(es) x batch {args.batch_size // info.world_size}, "
         f"{train_loader.num_workers} workers each; --data-backend {args.data_backend}")
-    stop_if_signalled(stop, device)
+    if signalled(stop, device):
+        raise Stopped.during_start_up(stop)
     teacher = build_teacher(args.teacher, args.teacher_weights, len(classes), log)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -92,7 +94,8 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
         where = f" and {state.progress.iteration} iterations of epoch {state.epoch}" if state.progress.iteration else ""
         log(f"=> resuming from {saver.path}: {state.epoch} epochs{where} done, best val Acc@1 "
             f"{_accuracy(state.best_top1)}" + "".join(f"; {note}" for note in notes))
-    stop_if_signalled(stop, device)
+    if signalled(stop, device):
+        raise Stopped.during_start_up(stop)
     if state.epoch >= args.epochs:
         log(f"=> nothing to do: {state.epoch} epochs already done in {args.save} (--epochs {args.epochs})")
         return student
@@ -160,7 +163,7 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
              "best_top1": state.best_top1, "images_per_s": tr.images_per_s, "epoch_time": tr.time},
             monitor.epoch_metrics() if monitor is not None else {})
         saver.save(state, student, optimizer, record, is_best)
-        if epoch + 1 < last and all_reduce_max(torch.tensor([int(stop())], device=device)).item():
+        if epoch + 1 < last and signalled(stop, device):
             raise Stopped.by(stop, f"after epoch {epoch}", saver.path)
     if monitor is not None:
         monitor.close()
@@ -171,11 +174,10 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     return student
 
 
-def stop_if_signalled(stop, device) -> None:
-    """During start-up: raise Stopped on every process when any has received a stop signal (they
-    agree, so that none goes on to wait for the others)."""
-    if all_reduce_max(torch.tensor([int(stop())], device=device)).item():
-        raise Stopped.during_start_up(stop)
+def signalled(stop, device) -> bool:
+    """Whether any process has received a stop signal (collective: they stop together, none goes
+    on to wait for the others)."""
+    return bool(all_reduce_max(torch.tensor([int(stop())], device=device)).item())
 
 
 def load_step1(student: nn.Module, path: str, log) -> None:

@@ -74,6 +74,9 @@ def library():
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return _fallback(f"no C++ compiler ({compiler}) found")
+    here = os.path.dirname(sys.executable)  # requirements.txt's ninja, in a venv that is not activated
+    if shutil.which("ninja") is None and shutil.which("ninja", path=here):
+        os.environ["PATH"] = here + os.pathsep + os.environ.get("PATH", "")
     try:
         from torch.utils import cpp_extension
         start, wall = time.perf_counter(), time.time()
