@@ -561,7 +561,14 @@ def test_a_stopped_run_destroys_its_process_group(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
-    monkeypatch.setattr(preempt.StopRequest, "__call__", lambda self: True)  # as after a SIGTERM
+    enter = preempt.StopRequest.__enter__
+
+    def enter_then_receive_sigterm(self):
+        enter(self)
+        self.signum = signal.SIGTERM
+        return self
+
+    monkeypatch.setattr(preempt.StopRequest, "__enter__", enter_then_receive_sigterm)
     p = train_here(1, data, tmp_path / "s", "--teacher-weights", teacher, check=False)
-    assert p.returncode == EXIT_PREEMPTED and "saved" in p.stderr, p.stderr
+    assert p.returncode == EXIT_PREEMPTED and "stopped by SIGTERM" in p.stderr, p.stderr
     assert not torch.distributed.is_initialized()
