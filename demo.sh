@@ -22,8 +22,8 @@
 #
 # Environment: PYTHON (default: the python on PATH, e.g. the activated venv), DEMO_OUT,
 # TEACHER_EPOCHS, EPOCHS1, EPOCHS2, BATCH_SIZE, INPUT_SIZE (defaults below: tuned to finish
-# within 15 minutes on 2 CPU cores with step 2 above 90% val top-1; measured: 730 s on 2 idle
-# cores, step 2 at 94.7%, see the README).
+# within 15 minutes on 2 CPU cores with step 2 above 90% val top-1; measured 2026-12-02: 542 s
+# on 2 idle cores, step 2 at 94.4%, see the README).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
