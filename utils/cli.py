@@ -4,8 +4,9 @@ A `UserError` is a problem the user can fix (a flag, a file, the data, the disk)
 what is wrong and what to do. Entry points run their work inside `exit_on_error(log_dir)`: such an
 error is printed as `error: <message>` on stderr, prefixed with `[rank R/W]` when several
 processes run, appended to `<log_dir>/log.txt` when that folder exists (unless the folder is
-another run's), and the process exits with the error's exit code. Anything else is a bug: its
-traceback is printed, and appended to log.txt too.
+another run's), and the process leaves the process group (utils.distributed.cleanup) and exits
+with the error's exit code. Anything else is a bug: its traceback is printed, and appended to
+log.txt too.
 """
 import contextlib
 import os
@@ -21,7 +22,7 @@ class UserError(Exception):
     """An error whose message names the problem and the fix; printed as one line."""
 
     exit_code = 1
-    every_rank = True  # each process prints its own; False: rank 0 speaks for all
+    every_rank = True  # each process prints its own; False: all raise it together, rank 0 speaks for all
     logged = True  # appended to log_dir/log.txt; False: that folder belongs to another run
 
     def line(self) -> str:
@@ -51,11 +52,17 @@ def exit_on_error(log_dir: str | None = None):
     except UserError as e:
         if e.every_rank or _rank() == 0:
             report(e.line(), log_dir if e.logged else None)
+        _leave_process_group(together=not e.every_rank)
         sys.exit(e.exit_code)
     except Exception:
         if log_dir and os.path.isdir(log_dir):
             append_line(os.path.join(log_dir, "log.txt"), traceback.format_exc().rstrip())
         raise
+
+
+def _leave_process_group(together: bool) -> None:
+    from .distributed import cleanup  # here: the launcher imports this module before torch
+    cleanup(together)
 
 
 def _rank() -> int:

@@ -113,6 +113,10 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0):
             dist.broadcast(buf, src)
 
 
-def cleanup():
-    if is_dist():
+def cleanup(together: bool = True):
+    """Leave the process group; a gloo process that exits without doing so may abort on the way
+    out ("terminate called without an active exception", exit code -6). `together=False`, for a
+    process that leaves on its own error while the others may wait in a collective: a NCCL group
+    is left as it is, as its shutdown may wait for them (torchrun ends them)."""
+    if is_dist() and (together or dist.get_backend() == "gloo"):
         dist.destroy_process_group()

@@ -52,9 +52,6 @@ def train(args) -> nn.Module:
         saver = CheckpointSaver(args.save, info, logger.log)
         try:
             return _train(args, info, logger, saver, stop)
-        except Stopped:
-            cleanup()
-            raise
         finally:
             saver.close()
             logger.close()
