@@ -555,12 +555,17 @@ def test_evaluate_uses_the_checkpoints_input_size(uninterrupted, capsys):
     assert stats.top1 == pytest.approx(max(r["val_top1"] for r in records(uninterrupted)))
 
 
-def test_a_stopped_run_destroys_its_process_group(tiny, tmp_path, monkeypatch):
-    root, data, teacher = tiny
+@pytest.fixture
+def one_process_group(monkeypatch):
+    """torchrun's environment for one process: train() then makes a process group (gloo)."""
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(free_port()))
+
+
+def test_a_stopped_run_destroys_its_process_group(tiny, tmp_path, monkeypatch, one_process_group):
+    root, data, teacher = tiny
     enter = preempt.StopRequest.__enter__
 
     def enter_then_receive_sigterm(self):
@@ -575,17 +580,14 @@ def test_a_stopped_run_destroys_its_process_group(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", ["gloo", "nccl"])
-def test_an_error_of_each_process_leaves_a_gloo_process_group(tiny, tmp_path, monkeypatch, backend):
+def test_an_error_of_each_process_leaves_a_gloo_process_group(tiny, tmp_path, monkeypatch, one_process_group,
+                                                               backend):
     # Left behind, a gloo group may abort the process as it exits (exit code -6, not the error's 1);
     # a NCCL group stays, as its shutdown may wait for processes still in a collective.
     root, data, teacher = tiny
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
     os.rename(odd / "val" / "class1", odd / "val" / "other")
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
     try:
         p = train_here(1, odd, tmp_path / "s", "--teacher-weights", teacher, check=False)
