@@ -50,19 +50,15 @@ def exit_on_error(log_dir: str | None = None):
     try:
         yield
     except UserError as e:
+        from .distributed import cleanup  # here: the launcher imports this module before torch
         if e.every_rank or _rank() == 0:
             report(e.line(), log_dir if e.logged else None)
-        _leave_process_group(together=not e.every_rank)
+        cleanup(together=not e.every_rank)
         sys.exit(e.exit_code)
     except Exception:
         if log_dir and os.path.isdir(log_dir):
             append_line(os.path.join(log_dir, "log.txt"), traceback.format_exc().rstrip())
         raise
-
-
-def _leave_process_group(together: bool) -> None:
-    from .distributed import cleanup  # here: the launcher imports this module before torch
-    cleanup(together)
 
 
 def _rank() -> int:
