@@ -198,7 +198,7 @@ def check(where, env, words, files, capsys, tmp_path):
         assert " ".join(words) in ci or words[-1] == "tests", f"{where}: {words} is not what .ci/run runs"
         if "-m" in words[3:]:
             marker = words[words.index("-m", 3) + 1]
-            assert marker in open(os.path.join(ROOT, "tests", "conftest.py")).read(), marker
+            assert marker in open(os.path.join(ROOT, "pytest.ini")).read(), marker
         return "parsed"
     raise AssertionError(f"{where}: no check for the documented command {' '.join(words)!r}: add one to "
                          "tests/test_docs.py")
