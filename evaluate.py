@@ -7,46 +7,36 @@ PATH is a checkpoint of this repository (either step), a released one (AdamBNN o
 layout, detected from the file), or a packed 1-bit file of utils.export. The step (real or binary
 block weights) comes from the checkpoint's 'step' entry; the released files have none and are
 taken as step 2 (--step to override). The input size is the training crop size the checkpoint
-records (packed files too), else 224, said so. Every long flag is accepted with '-' or '_'. Each
-validation image is counted once, whatever the number of processes.
+records (packed files too), else 224, said so. The flags it shares with training, and their
+checks, are utils/cli.py's. Each validation image is counted once, whatever the number of
+processes.
 """
-import argparse
 import json
 import os
 
-import torch
-
 from models import reactnet_a
-from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_packed, load_weights,
+from utils.checkpoint import (check_classes, check_finite, checkpoint_step, detect_format, is_packed, load_weights,
                               num_classes, read_checkpoint, trained_input_size)
-from utils.cli import UserError, exit_on_error
-from utils.config import HelpFormatter, Parser
-from utils.data import build_loader
+from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
+                       check_input_size, exit_on_error, resolve_device_layout)
 from utils.distributed import cleanup, init_distributed
-from utils.engine import evaluate
-from utils.export import load_packed
-from utils.precision import PRECISIONS, set_precision
+from utils.engine import LoopSettings, evaluate
+from utils.errors import ConfigError, UserError
+from utils.deploy.packed import load_packed
+from utils.loaders import build_loader
+from utils.precision import compiled, memory_format, set_precision
 
 
 def get_parser():
-    p = Parser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint file (this repository's, released, or packed)")
     p.add_argument("--data", default=os.environ.get("DATA"), help="ImageFolder root with val/ (default: $DATA)")
     p.add_argument("--step", type=int, choices=(1, 2), default=None,
                    help="for checkpoints without a 'step' entry (released ones): 2 by default")
-    p.add_argument("--batch_size", type=int, default=256, help="global batch size")
-    p.add_argument("-j", "--workers", type=int, default=None, help="loader workers per process")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="centre crop after resizing to size*256/224, a multiple of 32 (default: the training "
-                        "crop size the checkpoint records, else 224)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="as in training (utils/precision.py)")
-    p.add_argument("--data-backend", choices=("pil", "torch"), default="pil",
-                   help="pil: PIL in the loader workers; torch: decode (nvjpeg on CUDA) and resize on the device")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on with CUDA)")
-    p.add_argument("--compile", nargs="?", const="inductor", default="none", metavar="BACKEND",
-                   help="torch.compile the model (backend: inductor unless given; off by default: one "
-                        "pass over the data rarely repays the compilation)")
+    add_loader_flags(p, input_size=None, input_size_help="centre crop after resizing to size*256/224, a multiple "
+                     "of 32 (default: the training crop size the checkpoint records, else 224)")
+    add_device_flags(p, compile_default="none", compile_help="torch.compile the model with BACKEND (inductor "
+                     "unless given; off by default: one pass over the data rarely repays the compilation)")
     p.add_argument("--results-file", default=None,
                    help="append a JSON line: model, checkpoint, step, top1, top5, params, ops, images")
     return p
@@ -55,23 +45,16 @@ def get_parser():
 def check_args(args) -> None:
     """The flags that cannot work, before anything is read."""
     if not args.data:
-        raise UserError("no data: pass --data DIR or set DATA (a folder with val/)")
-    for flag, value, least in (("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0),
-                               ("--input-size", args.input_size, 32)):
-        if value is not None and value < least:
-            raise UserError(f"{flag} must be at least {least}, got {value}")
-    if args.input_size is not None and args.input_size % 32:
-        raise UserError(f"--input-size {args.input_size} is not a multiple of 32 (ReActNet-A halves the "
-                        "resolution five times)")
+        raise ConfigError("no data: pass --data DIR or set DATA (a folder with val/)")
+    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0))
+    check_input_size(args.input_size)
 
 
 def evaluate_checkpoint(args):
     """Build the network the checkpoint describes, evaluate it on args.data/val; returns EvalStats."""
     check_args(args)
     info = init_distributed()
-    if args.batch_size % info.world_size:
-        raise UserError(f"--batch_size {args.batch_size} (global) does not split evenly over "
-                        f"{info.world_size} processes: use a multiple of {info.world_size}")
+    check_batch_split(args.batch_size, info.world_size)
     obj = read_checkpoint(args.checkpoint)
     packed = is_packed(obj)
     saved_step = 2 if packed else checkpoint_step(obj)
@@ -92,9 +75,8 @@ def evaluate_checkpoint(args):
     else:
         model = reactnet_a(binary_weights=step == 2, num_classes=num_classes(detect_format(obj)[1]))
         fmt = load_weights(model, obj)
-    classes = model.fc.out_features
-    if classes != len(loader.dataset.classes):
-        raise UserError(f"{args.checkpoint} has {classes} classes, {args.data}/val has {len(loader.dataset.classes)}")
+    check_classes(args.checkpoint, model.fc.out_features, len(loader.dataset.classes),
+                  f"pass --data with the {model.fc.out_features} classes it was trained on")
     check_finite(model.state_dict(), args.checkpoint)
     del obj
     how = "from the checkpoint" if saved_step else ("--step" if args.step else "default for released checkpoints")
@@ -104,13 +86,13 @@ def evaluate_checkpoint(args):
               f"{info.world_size} process(es)", flush=True)
     counts = None
     if args.results_file and info.is_main:
-        from utils.ops import count_ops
+        from utils.deploy.opcount import count_ops
         counts = count_ops(model, (1, 3, input_size, input_size))
-    channels_last = info.device.type == "cuda" if args.channels_last is None else args.channels_last
+    resolve_device_layout(args, info.device.type == "cuda")
     set_precision(args.precision)
-    model.to(info.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    stats = evaluate(model if args.compile == "none" else torch.compile(model, backend=args.compile),
-                     loader, info.device, prepare=prepare, precision=args.precision, channels_last=channels_last)
+    model.to(info.device, memory_format=memory_format(args.channels_last))
+    settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last)
+    stats = evaluate(compiled(model, args.compile), loader, settings, prepare=prepare)
     if info.is_main:
         print(f"* Acc@1 {stats.top1:.3f} Acc@5 {stats.top5:.3f}", flush=True)
         if args.results_file:

@@ -372,8 +372,8 @@ def test_c2i_reference_is_the_initialisation_of_the_seed_the_run_started_with():
     """A step-1 run resumed with another --seed measures C2I against its own first weights."""
     from argparse import Namespace
 
-    from utils.checkpoint import TrainState
-    from utils.train import c2i_reference
+    from utils.analysis import c2i_reference
+    from utils.run_folder import TrainState
     torch.manual_seed(3)
     first = reactnet_a(binary_weights=False, num_classes=4).state_dict()
     resumed = reactnet_a(binary_weights=False, num_classes=4)  # trained weights, any

@@ -9,7 +9,7 @@ from models import reactnet_a
 from utils.bench import iteration
 from utils.bench.__main__ import get_parser, main
 from utils.bench.baseline import BinaryActivation, HardBinaryConv, baseline_reactnet_a
-from utils.cli import UserError
+from utils.errors import UserError
 
 
 @pytest.mark.parametrize("binary_weights", [False, True])
@@ -113,7 +113,7 @@ def test_flags_that_would_do_nothing_or_break_are_refused(tmp_path, capsys):
     assert refused.value.code == 1 and "leave them out with --data" in capsys.readouterr().err
     with pytest.raises(SystemExit) as refused:
         main(["precision", "--resolution", "48"])
-    assert refused.value.code == 2 and "48 is not a multiple of 32" in capsys.readouterr().err
+    assert refused.value.code == 1 and "--resolution 48 is not a multiple of 32" in capsys.readouterr().err
 
 
 def test_three_adam_iterations_in_float64_match_the_original_training_step():

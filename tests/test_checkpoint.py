@@ -14,8 +14,9 @@ import torch
 
 from models import reactnet_a
 from models.binary import BinaryConv2d
-from utils.checkpoint import (CheckpointError, CheckpointSaver, FolderInUse, atomic_save, checkpoint_step,
-                              load_weights, read_checkpoint, save_checkpoint)
+from utils.checkpoint import atomic_save, checkpoint_step, load_weights, read_checkpoint
+from utils.errors import CheckpointError, FolderInUse
+from utils.run_folder import CheckpointSaver, save_checkpoint
 from utils.distributed import DistInfo
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reactnet_a_seed0.json")

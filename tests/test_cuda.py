@@ -48,8 +48,9 @@ from utils.checkpoint import read_checkpoint
 from utils.config import parse_args, resolve_args
 from utils.distill import DistributionLoss, build_teacher
 from utils.distributed import broadcast_buffers, cleanup, init_distributed
-from utils.engine import evaluate, train_one_epoch
-from utils.precision import set_precision, using
+from utils.engine import LoopSettings, evaluate, train_one_epoch
+from utils.loaders import build_loader
+from utils.precision import memory_format, set_precision, using
 from utils.preempt import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -242,28 +243,27 @@ def compiled_ddp_epochs(argv):
     info = init_distributed()
     torch.backends.cudnn.benchmark = True
     set_precision(args.precision)
-    loader, prepare = data.build_loader("train", args.data_backend, args.data, args.batch_size, info,
-                                        workers=args.workers, input_size=args.input_size, seed=args.seed)
-    val_loader, prepare_val = data.build_loader("val", args.data_backend, args.data, args.batch_size, info,
-                                                workers=args.workers, input_size=args.input_size)
+    loader, prepare = build_loader("train", args.data_backend, args.data, args.batch_size, info,
+                                   workers=args.workers, input_size=args.input_size, seed=args.seed)
+    val_loader, prepare_val = build_loader("val", args.data_backend, args.data, args.batch_size, info,
+                                           workers=args.workers, input_size=args.input_size)
     classes = len(loader.dataset.classes)
     teacher = build_teacher(args.teacher, args.teacher_weights, classes, print)
     torch.manual_seed(args.seed)
     student = reactnet_a(binary_weights=recipe.STEPS[args.step]["binary_weights"], num_classes=classes)
     optimizer = recipe.build_optimizer(student, args.optimizer, args.learning_rate, args.weight_decay)
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    student.to(info.device, memory_format=memory_format)
-    teacher.to(info.device, memory_format=memory_format)
+    student.to(info.device, memory_format=memory_format(args.channels_last))
+    teacher.to(info.device, memory_format=memory_format(args.channels_last))
     ddp = nn.parallel.DistributedDataParallel(
         student, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     model, eval_model, teacher = [torch.compile(m, backend=args.compile) for m in (ddp, student, teacher)]
+    settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last,
+                            world_size=info.world_size)
     for epoch in range(args.epochs):
         loader.sampler.set_epoch(epoch)
-        train_one_epoch(model, teacher, loader, DistributionLoss(), optimizer, epoch, info.device, prepare=prepare,
-                        precision=args.precision, channels_last=args.channels_last, world_size=info.world_size)
+        train_one_epoch(model, teacher, loader, DistributionLoss(), optimizer, epoch, settings, prepare=prepare)
         broadcast_buffers(student)
-        evaluate(eval_model, val_loader, info.device, prepare=prepare_val, precision=args.precision,
-                 channels_last=args.channels_last)
+        evaluate(eval_model, val_loader, settings, prepare=prepare_val)
         print(f"=> epoch {epoch} done", file=sys.stderr, flush=True)
     cleanup()
 

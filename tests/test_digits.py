@@ -8,7 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.demo import digits
 
 

@@ -32,7 +32,7 @@ from models import reactnet_a
 from tests.tiny import ROOT, make_image_folder
 from utils import config, export, ops
 from utils.bench.__main__ import get_parser as bench_parser
-from utils.checkpoint import save_checkpoint
+from utils.run_folder import save_checkpoint
 
 DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 DATA_PLACEHOLDERS = {"/path/to/imagenet", "/imagenet", "DIR", "demo_output/data"}

@@ -10,7 +10,7 @@ import evaluate
 from models import reactnet_a
 from tests.tiny import make_image_folder, make_teacher, step
 from utils import train
-from utils.cli import UserError
+from utils.errors import UserError
 from utils.distill import build_teacher
 
 
@@ -77,7 +77,7 @@ def test_checkpoint_problems(tiny, tmp_path, capsys):
 
     five = save_repo_checkpoint(tmp_path / "five.pth.tar", 1, num_classes=5)
     err = error_of(train.main, args + ["--init-checkpoint", five], capsys)
-    assert f"{five} has 5 classes and the data 3" in err
+    assert f"{five} has 5 classes but the data has 3: step 2 trains on the classes of its step-1 checkpoint" in err
 
     truncated = tmp_path / "truncated.pth.tar"
     truncated.write_bytes(open(step2, "rb").read(100_000))
@@ -93,7 +93,8 @@ def test_checkpoint_problems(tiny, tmp_path, capsys):
     # evaluate.py: missing file, wrong class count, contradicting --step
     assert "not found" in error_of(
         evaluate.main, ["--checkpoint", str(missing), "--data", data], capsys)
-    assert "5 classes" in error_of(evaluate.main, ["--checkpoint", five, "--data", data], capsys)
+    assert f"{five} has 5 classes but the data has 3: pass --data with the 5 classes" in error_of(
+        evaluate.main, ["--checkpoint", five, "--data", data], capsys)
     assert "is a step-2 checkpoint, not step 1" in error_of(
         evaluate.main, ["--checkpoint", step2, "--data", data, "--step", "1"], capsys)
 

@@ -18,9 +18,10 @@ from tests.test_checkpoint import LAYOUTS
 from tests.test_model import FIXTURE, fixture_state_dict
 from tests.tiny import make_image_folder
 from utils import engine, export
-from utils.checkpoint import PACKED_FORMAT, CheckpointError, load_weights
+from utils.checkpoint import PACKED_FORMAT, load_weights
 from utils.data import val_loader
-from utils.export import PackedBinaryConv2d, load_packed, pack_bits, pack_model, popcount
+from utils.errors import CheckpointError
+from utils.export import PackedBinaryConv2d, bits_to_words, load_packed, popcount, to_packed
 from utils.ops import count_ops
 
 # Largest logit difference relative to the largest |logit|, float32: the float network's own
@@ -67,9 +68,9 @@ def test_popcount_counts_every_bit():
     assert popcount(torch.tensor(words)).tolist() == expected
 
 
-def test_pack_bits_layout():
+def test_bits_to_words_layout():
     bits = torch.rand(3, 130, generator=torch.Generator().manual_seed(0)) > 0.5
-    words = pack_bits(bits)
+    words = bits_to_words(bits)
     assert words.shape == (3, 3) and words.dtype == torch.int64
     for row in range(3):
         for i in range(192):
@@ -119,7 +120,7 @@ def test_fixture_weights_give_the_float_logits():
     x = torch.randn(fixture["input_shape"], generator=torch.Generator().manual_seed(fixture["seed"] + 1),
                     dtype=torch.float64).float()
     expected = logits(model, x)
-    actual = logits(pack_model(model), x)
+    actual = logits(to_packed(model), x)
     assert max_rel_error(actual, expected) < RTOL
     assert torch.equal(actual.argmax(1), expected.argmax(1))
     assert actual.argmax(1).tolist() == torch.tensor(fixture["step2"]["eval_logits"]).argmax(1).tolist()
@@ -128,7 +129,7 @@ def test_fixture_weights_give_the_float_logits():
 def test_random_model_gives_the_float_logits_and_counts(step2):
     model, x, expected = step2
     counts = count_ops(model, (1, 3, 32, 32))
-    packed = pack_model(copy.deepcopy(model))
+    packed = to_packed(copy.deepcopy(model))
     actual = logits(packed, x)
     assert max_rel_error(actual, expected) < RTOL
     assert torch.equal(actual.argmax(1), expected.argmax(1))
@@ -182,7 +183,7 @@ def test_step1_checkpoint_is_refused(tmp_path, capsys):
 def packed_file(tmp_path_factory, step2):
     path = tmp_path_factory.mktemp("packed") / "packed.pt"
     torch.save({"format": PACKED_FORMAT, "version": export.VERSION, "arch": "reactnet_a", "num_classes": 10,
-                "state_dict": pack_model(copy.deepcopy(step2[0])).state_dict()}, path)
+                "state_dict": to_packed(copy.deepcopy(step2[0])).state_dict()}, path)
     return path
 
 
@@ -235,7 +236,7 @@ def test_evaluate_reads_a_packed_file(tmp_path, step2, packed_file, capsys, monk
                            "--input-size", "32"])
     assert reads == [str(packed_file)]  # read from disk once
     assert "packed 1-bit checkpoint, step 2 (from the checkpoint); input size 32; 10 images" in capsys.readouterr().out
-    expected = engine.evaluate(step2[0], val_loader(data, 4, 0, input_size=32), torch.device("cpu"))
+    expected = engine.evaluate(step2[0], val_loader(data, 4, 0, input_size=32), engine.LoopSettings())
     assert astuple(stats) == pytest.approx(astuple(expected), rel=RTOL) and stats.top1 == expected.top1
 
 

@@ -19,9 +19,11 @@ import evaluate
 from tests.test_resume import assert_same_run, process_tree
 from models import reactnet_a
 from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, run, step, train_here
-from utils import checkpoint, cli, config, recipe, train
+from utils import cli, config, recipe, run_folder, train
 from utils.checkpoint import read_checkpoint
-from utils.data import build_loader, image_folder
+from utils.data import image_folder
+from utils.errors import RunFolderError
+from utils.loaders import build_loader
 from utils.distributed import DistInfo
 from utils import preempt
 from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS
@@ -405,7 +407,7 @@ def test_resume_with_another_class_count_names_the_file(tiny, step2_run, tmp_pat
     make_image_folder(three, classes=3, train_per_class=1, val_per_class=1)
     teacher3 = make_teacher(tmp_path / "teacher3.pth", num_classes=3)
     err = exit_error(tiny_args(three, save, teacher3, "--epochs", "1", "--init-checkpoint", init, step=2), capsys)
-    assert f"{save / 'checkpoint.pth.tar'} has 2 classes and the data 3" in err
+    assert f"{save / 'checkpoint.pth.tar'} has 2 classes but the data has 3: resume with the data" in err
 
 
 def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_stops_a_relaunch_before_training(
@@ -516,9 +518,9 @@ def test_ranks_that_see_different_checkpoints_stop(tmp_path, monkeypatch):
     save = tmp_path / "save"
     save.mkdir()
     torch.save({"epoch": 3, "step": 1, "state_dict": {}}, save / "checkpoint.pth.tar")
-    monkeypatch.setattr(checkpoint, "all_gather_object", lambda view: [view, None])  # rank 1 sees no file
-    saver = checkpoint.CheckpointSaver(str(save), DistInfo(), print)
-    with pytest.raises(checkpoint.RunFolderError, match="must be a folder on a filesystem that every node shares"):
+    monkeypatch.setattr(run_folder, "all_gather_object", lambda view: [view, None])  # rank 1 sees no file
+    saver = run_folder.CheckpointSaver(str(save), DistInfo(), print)
+    with pytest.raises(RunFolderError, match="must be a folder on a filesystem that every node shares"):
         saver.read_resume(1)
     saver.close()
 

@@ -17,7 +17,7 @@ from models.reactnet import BasicBlock
 from tests.test_export import RTOL, logits, max_rel_error, randomize
 from utils import export
 from utils.deploy import kernel
-from utils.export import PackedBinaryConv2d, pack_model
+from utils.export import PackedBinaryConv2d, to_packed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def select(paths):
 def step2():
     torch.manual_seed(0)
     model = randomize(reactnet_a(binary_weights=True, num_classes=10))
-    return model, pack_model(copy.deepcopy(model)), torch.randn(3, 3, 32, 32)
+    return model, to_packed(copy.deepcopy(model)), torch.randn(3, 3, 32, 32)
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,batch", [(32, 16, 3, 1, 1), (96, 40, 3, 2, 3), (64, 64, 1, 1, 2),

@@ -1,5 +1,6 @@
-"""Checkpoints: reading and mapping released layouts, writing atomically, and a training run's
-checkpoints (one run per folder, resume, save).
+"""The checkpoint file format: reading it safely, mapping the released layouts onto the model,
+what a file says of its network, and writing files atomically. What a training run does with
+its checkpoints (one run per folder, resume, save) is utils/run_folder.py's.
 
 A checkpoint file is untrusted input: it is always read with `torch.load(weights_only=True)`,
 which refuses any pickle that would import or call code. The layouts in use are mapped onto
@@ -11,33 +12,27 @@ Layouts (`load_weights` returns the name):
     'adambnn-release'  the AdamBNN release: a dict with 'state_dict', keys prefixed 'module.'
     'reactnet-release' the ReActNet release: binary conv weights named 'weights', flattened to
                        [out*in*k*k, 1] (legacy serialization), bare or inside a 'state_dict' dict
+    'torchvision-reference'  a checkpoint of torchvision's reference scripts: a dict with 'model'
+                       (a teacher's weights, say)
     'state_dict'       a bare state_dict, with or without the 'module.' prefix
 """
 import errno
-import fcntl
 import os
 import pickle
 import re
 import shutil
-import socket
-import time
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
-from . import recipe
-from .cli import UserError
-from .distributed import all_gather, all_gather_object, barrier, broadcast_object
-from .engine import Progress
+from .errors import CheckpointError
 
 __all__ = [
-    "CheckpointError", "read_checkpoint", "detect_format", "remap_state_dict", "load_weights",
-    "num_classes", "checkpoint_step", "trained_input_size", "is_packed", "check_finite", "atomic_save",
-    "atomic_copy", "save_checkpoint", "remove_stale_temporaries", "RunFolderError", "FolderInUse", "TrainState",
-    "CheckpointSaver",
+    "read_checkpoint", "detect_format", "remap_state_dict", "load_weights", "num_classes", "check_classes",
+    "checkpoint_step", "trained_input_size", "is_packed", "check_finite", "check_plain", "atomic_save",
+    "atomic_copy", "remove_stale_temporaries", "tensor_bytes", "size_in_mb", "PACKED_FORMAT",
 ]
 
 # Prefixes added by wrappers: nn.DataParallel / DDP ('module.'), torch.compile ('_orig_mod.').
@@ -48,10 +43,6 @@ _PLAIN_MAPPINGS, _PLAIN_SEQUENCES = (dict, OrderedDict), (list, tuple, torch.Siz
 _PLAIN_LEAVES = (str, bytes, int, float, bool, type(None), torch.dtype, torch.device)
 _SHOW = 5  # offending keys named per kind of problem
 PACKED_FORMAT = "adambnn-packed-reactnet-a"  # the 'format' of utils.export's packed files
-
-
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
 
 
 def read_checkpoint(path):
@@ -87,15 +78,21 @@ def detect_format(obj) -> tuple[str, Mapping]:
         raise CheckpointError(f"not a checkpoint: expected a dict, got {type(obj).__name__}")
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         fmt, state_dict = ("this-repo" if "step" in obj else "adambnn-release"), obj["state_dict"]
-    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    elif _is_state_dict(obj.get("model")):
+        fmt, state_dict = "torchvision-reference", obj["model"]
+    elif _is_state_dict(obj):
         fmt, state_dict = "state_dict", obj
     else:
         raise CheckpointError(
-            "unrecognised checkpoint layout: neither a state_dict nor a dict with 'state_dict' "
+            "unrecognised checkpoint layout: neither a state_dict nor a dict with 'state_dict' or 'model' "
             f"(top-level keys: {_first(list(obj))})")
     if any(k.endswith(".weights") for k in state_dict):
         fmt = "reactnet-release"
     return fmt, state_dict
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
 def remap_state_dict(state_dict: Mapping, model: nn.Module) -> dict:
@@ -149,6 +146,13 @@ def num_classes(state_dict: Mapping, what="the checkpoint") -> int:
     if not classifiers:
         raise CheckpointError(f"{what} has no classifier weight (no 2-dimensional '...weight' entry)")
     return classifiers[-1].shape[0]
+
+
+def check_classes(what: str, classes: int, data_classes: int, fix: str, error=CheckpointError) -> None:
+    """`error` (one message form for every such check) when the network `what` names predicts
+    `classes` classes and the data has `data_classes`; `fix` says what to do."""
+    if classes != data_classes:
+        raise error(f"{what} has {classes} classes but the data has {data_classes}: {fix}")
 
 
 def checkpoint_step(obj) -> int | None:
@@ -213,8 +217,8 @@ def _replace_atomically(path, write, nbytes: int = 0) -> None:
         if _disk_full(e):
             folder = os.path.dirname(os.path.abspath(path))
             raise CheckpointError(
-                f"no space left in {folder} to write {os.path.basename(path)} (about {_size(nbytes)} "
-                f"needed, {_size(shutil.disk_usage(folder).free)} free): free space there or write "
+                f"no space left in {folder} to write {os.path.basename(path)} (about {size_in_mb(nbytes)} "
+                f"needed, {size_in_mb(shutil.disk_usage(folder).free)} free): free space there or write "
                 "elsewhere; the previous file, if any, is intact") from None
         raise
     if os.name == "posix":  # make the rename itself durable
@@ -249,21 +253,6 @@ def atomic_copy(src, dst) -> None:
     _replace_atomically(dst, write, os.path.getsize(src))
 
 
-def save_checkpoint(state: dict, save_dir, is_best: bool) -> None:
-    """Write `save_dir/checkpoint.pth.tar`, and make `model_best.pth.tar` a copy of it when
-    `is_best`, atomically.
-
-    `state` must hold only what `torch.load(weights_only=True)` reads back (tensors, dicts, lists,
-    tuples, str, int, float, bool, None): checked here, so a bad entry fails now, not on resume.
-    """
-    _check_plain(state, "state")
-    os.makedirs(save_dir, exist_ok=True)
-    path = os.path.join(save_dir, "checkpoint.pth.tar")
-    atomic_save(state, path)
-    if is_best:
-        atomic_copy(path, os.path.join(save_dir, "model_best.pth.tar"))
-
-
 def tensor_bytes(obj) -> int:
     """Bytes of the tensors in `obj` and its containers: about the size torch.save gives it."""
     if isinstance(obj, torch.Tensor):
@@ -285,18 +274,20 @@ def _disk_full(error: BaseException) -> bool:
     return False
 
 
-def _size(nbytes: int) -> str:
+def size_in_mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:,.1f} MB"
 
 
-def _check_plain(obj, where: str) -> None:
+def check_plain(obj, where: str) -> None:
+    """TypeError naming the entry of `obj` that `torch.load(weights_only=True)` would not read back
+    (anything but tensors, dicts, lists, tuples, str, int, float, bool and None)."""
     if type(obj) in _PLAIN_MAPPINGS:
         for k, v in obj.items():
-            _check_plain(k, f"{where} key {k!r}")
-            _check_plain(v, f"{where}[{k!r}]")
+            check_plain(k, f"{where} key {k!r}")
+            check_plain(v, f"{where}[{k!r}]")
     elif type(obj) in _PLAIN_SEQUENCES:
         for i, v in enumerate(obj):
-            _check_plain(v, f"{where}[{i}]")
+            check_plain(v, f"{where}[{i}]")
     elif not (isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_LEAVES):
         raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds "
                         "only tensors, dicts, lists, tuples, str, int, float, bool and None")
@@ -305,228 +296,3 @@ def _check_plain(obj, where: str) -> None:
 def _first(keys: list) -> str:
     more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
     return ", ".join(map(str, keys[:_SHOW])) + more
-
-
-# ---------------------------------------------------------------------------------------------
-# A training run's checkpoints
-
-CHECKPOINT, BEST, LOCK = "checkpoint.pth.tar", "model_best.pth.tar", "run.lock"
-# What a started run writes besides its checkpoint: without the checkpoint a relaunch would start
-# over and overwrite them.
-RUN_FILES = (BEST, "log.jsonl", "args.json")
-# A relaunch may change any flag but --step and --optimizer, which the saved state belongs to, and
-# these only at an epoch boundary: they fix the order of the epoch's samples.
-EPOCH_ORDER = ("batch_size", "seed", "world_size", "train_images")
-OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1}  # state tensors per parameter
-_LABELS = {"world_size": "processes", "train_images": "training images", "init_checkpoint": "--init-checkpoint"}
-
-
-class RunFolderError(UserError):
-    """A --save folder that this run cannot use as it is; the message says why and the way out."""
-
-
-class FolderInUse(RunFolderError):
-    """--save is locked by a running run: rank 0 says so for all, and nothing is written into that
-    run's folder (not even its log.txt)."""
-    every_rank = logged = False
-
-
-@dataclass
-class TrainState:
-    """What changes during a run and is saved with it: the epochs done, the best val Acc@1 so far
-    (None before the first validation), the position inside the current epoch, and the seed the
-    weights were initialised with (step 1's reference for the analysis's C2I)."""
-    epoch: int = 0
-    best_top1: float | None = None
-    progress: Progress = field(default_factory=Progress)
-    init_seed: int = 0
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class CheckpointSaver:
-    """The checkpoints of one training run in its --save folder, and the policy around them.
-
-    - One run per folder: rank 0 holds an fcntl lock on <save>/run.lock for the run's life; the
-      kernel releases it when the process dies, so a killed run never leaves a stale lock. A
-      second launch into the folder stops at once, naming the running one. The temporaries of
-      saves that were killed are removed under the lock only.
-    - `read_resume`: the folder's checkpoint.pth.tar, which every process must see alike; a folder
-      holding a started run without it is refused, never overwritten.
-    - `restore`: the saved run continued with this launch's flags.
-    - `check_space` before each epoch, `save` after it (atomic; rank 0 writes; collective).
-    `close()` releases the lock, and removes the folder again when the run wrote nothing in it.
-    """
-
-    def __init__(self, folder: str, info, log):
-        self.folder, self.info, self.log = folder, info, log
-        self.path = os.path.join(folder, CHECKPOINT)
-        self._lock, self._made_folder, in_use = None, False, None
-        if info.is_main:
-            self._made_folder = not os.path.isdir(folder)
-            os.makedirs(folder, exist_ok=True)
-            try:
-                self._lock = _lock_folder(folder)
-            except FolderInUse as e:
-                in_use = str(e)
-        in_use = broadcast_object(in_use)  # the other processes stop with rank 0
-        if in_use:
-            raise FolderInUse(in_use)
-        if info.is_main:
-            for name in remove_stale_temporaries(folder):
-                log(f"=> removed {name}, left by a save that was killed")
-
-    def close(self) -> None:
-        if self._lock is None:
-            return
-        if os.listdir(self.folder) == [LOCK]:  # the run stopped before writing anything
-            os.remove(os.path.join(self.folder, LOCK))
-            if self._made_folder:
-                os.rmdir(self.folder)
-        os.close(self._lock)
-        self._lock = None
-
-    def read_resume(self, step: int) -> dict | None:
-        """This run's own checkpoint, or None for a new run. Rank 0's file decides; every process
-        must see the same one (same size, epoch and position), or all stop: --save is not shared."""
-        ckpt, error, view = None, None, None
-        if os.path.isfile(self.path):
-            try:
-                ckpt = read_checkpoint(self.path)
-                view = (os.path.getsize(self.path), ckpt.get("epoch"), ckpt.get("iteration", 0))
-            except CheckpointError as e:
-                error, view = e, "unreadable"
-        views = all_gather_object(view)
-        differ = [rank for rank, v in enumerate(views) if v != views[0]]
-        if differ:
-            raise RunFolderError(f"process(es) {differ} see {self.path} differently from rank 0 (rank 0: "
-                                 f"{views[0] or 'no file'}; here: {view or 'no file'}): --save must be a "
-                                 "folder on a filesystem that every node shares")
-        if error is not None:
-            raise error
-        if ckpt is None:
-            started = [f for f in RUN_FILES if os.path.exists(os.path.join(self.folder, f))]
-            if started:
-                raise RunFolderError(f"--save {self.folder} holds a run ({', '.join(started)}) but no {CHECKPOINT} "
-                                     "to continue from, and a new run would overwrite it: pass another --save, "
-                                     "or move those files away")
-            return None
-        if checkpoint_step(ckpt) != step:
-            raise RunFolderError(f"{self.path} is a step-{checkpoint_step(ckpt)} checkpoint, this is step "
-                                 f"{step}: pass another --save")
-        return ckpt
-
-    def restore(self, ckpt: dict, args, student: nn.Module, optimizer, train_images: int) -> tuple:
-        """Continue the saved run: weights, optimizer state, RNG, position. Returns the TrainState
-        and the lines saying what this launch changes.
-
-        A changed flag applies from here on (the caller builds the schedule from the new
-        --learning_rate and --epochs; --weight_decay is set here), except --optimizer, refused,
-        and EPOCH_ORDER, refused in the middle of an epoch. --init-checkpoint is not read again."""
-        path = self.path
-        saved = {**ckpt["args"], "world_size": ckpt.get("world_size"), "train_images": ckpt.get("train_images")}
-        now = {**vars(args), "world_size": self.info.world_size, "train_images": train_images}
-        optimizer_name = saved.get("optimizer", "adam")  # checkpoints from before --optimizer: adam
-        if optimizer_name != args.optimizer:
-            raise RunFolderError(f"{path} was trained with --optimizer {optimizer_name}, not {args.optimizer}: "
-                                 "pass another --save to start a new run")
-        saved_classes = num_classes(ckpt["state_dict"])
-        if saved_classes != student.fc.out_features:
-            raise RunFolderError(f"{path} has {saved_classes} classes and the data {student.fc.out_features}: "
-                                 "resume with the data it was trained on, or pass another --save")
-        changed = {k: f"{_LABELS.get(k, '--' + k)} {saved[k]} -> {now[k]}" for k in now
-                   if saved.get(k) is not None and saved[k] != now[k]}
-        iteration, progress = ckpt.get("iteration", 0), Progress()
-        if iteration:
-            order = [changed[k] for k in EPOCH_ORDER if k in changed]
-            if order:
-                raise RunFolderError(f"{path} stopped in the middle of epoch {ckpt['epoch']}, whose sample order "
-                                     f"depends on what changed ({', '.join(order)}): relaunch with the old "
-                                     "values to finish the epoch, then change them")
-            sums = ckpt["progress"]["sums"][self.info.rank].to(self.info.device)  # this process's
-            progress = Progress(iteration, sums[:3].float(), int(sums[3]), ckpt["progress"]["time"])
-        load_weights(student, ckpt)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        recipe.set_weight_decay(optimizer, args.weight_decay)
-        set_rng_state(ckpt["rng"])
-        state = TrainState(epoch=ckpt["epoch"], best_top1=ckpt.get("best_top1_acc"), progress=progress,
-                           init_seed=ckpt.get("init_seed", saved.get("seed", 0)))
-        init = changed.pop("init_checkpoint", None)
-        notes = [f"changed, applied from now on: {', '.join(changed.values())}"] if changed else []
-        if init:
-            notes.append(f"{init} is not read: step 2 continues from its own checkpoint (pass another "
-                         "--save to start from the new one)")
-        return state, notes
-
-    def check_space(self, student: nn.Module, optimizer_name: str) -> None:
-        """Stop (collectively) before an epoch whose checkpoint the disk cannot hold: the bytes of
-        the last checkpoint, or of the weights and the optimizer's state."""
-        problem = None
-        if self.info.is_main:
-            if os.path.isfile(self.path):
-                needed = os.path.getsize(self.path)
-            else:
-                needed = tensor_bytes(student.state_dict()) + OPTIMIZER_STATES[optimizer_name] * sum(
-                    p.numel() * p.element_size() for p in student.parameters())
-            free = shutil.disk_usage(self.folder).free
-            if free < needed:
-                problem = (f"{self.folder} has {_size(free)} free and a checkpoint needs about {_size(needed)}: "
-                           "free space there or pass another --save; stopped before training an epoch that "
-                           "could not be saved")
-        problem = broadcast_object(problem)
-        if problem:
-            raise RunFolderError(problem)
-
-    def save(self, state: TrainState, student: nn.Module, optimizer, record: dict, is_best: bool = False):
-        """Write checkpoint.pth.tar (and model_best.pth.tar when `is_best`) on rank 0, atomically;
-        collective. A mid-epoch state (progress.iteration > 0) saves every process's running
-        metrics, so that each continues its own. `record`: what describes the run (step, args...)."""
-        progress = None
-        if state.progress.iteration:
-            p = state.progress
-            sums = torch.cat([p.sums.double(), p.sums.new_tensor([p.count]).double()])
-            progress = {"sums": all_gather(sums).cpu(), "time": p.time}
-        check_finite(student.state_dict(), "the weights to be saved")
-        if self.info.is_main:
-            save_checkpoint({
-                **record, "epoch": state.epoch, "iteration": state.progress.iteration, "progress": progress,
-                "state_dict": student.state_dict(), "best_top1_acc": state.best_top1,
-                "optimizer": optimizer.state_dict(), "rng": rng_state(), "init_seed": state.init_seed,
-            }, self.folder, is_best)
-        barrier()
-
-
-def _lock_folder(folder: str) -> int:
-    """An open descriptor holding the exclusive lock on <folder>/run.lock, which then names this
-    process; FolderInUse naming the holder when another process has it."""
-    path = os.path.join(folder, LOCK)
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 1000).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise FolderInUse(f"--save {folder} is in use by another run ({holder}): one run per folder; "
-                              "wait for it to end or stop it, or pass another --save") from None
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # a run that ended meanwhile removed the file it locked: lock the new one
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-             .encode())
-    return fd

@@ -1,9 +1,8 @@
 """The command line of both steps: the flags with the step's defaults (utils/recipe.py), and every
 check that can be made before anything is loaded.
 
-`bash stepN/run.sh` passes `--step N` first, so `--help` shows that step's defaults. Every long
-flag is accepted with '-' or '_' between its words (the original's flags have underscores, the
-additions hyphens); help and messages use the spelling given here.
+`bash stepN/run.sh` passes `--step N` first, so `--help` shows that step's defaults. The parser,
+the flags evaluate.py shares and their checks are utils/cli.py's.
 """
 import argparse
 import math
@@ -12,64 +11,26 @@ import os
 import torch
 
 from . import recipe
-from .cli import UserError
-from .precision import PRECISIONS
+from .cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split, check_input_size,
+                  resolve_device_layout)
+from .errors import ConfigError
 
-__all__ = ["ConfigError", "get_parser", "parse_args", "resolve_args", "schedule_warnings"]
+__all__ = ["get_parser", "parse_args", "resolve_args", "schedule_warnings"]
 
 MAX_SEED = 2 ** 32 - 1
-
-
-class ConfigError(UserError):
-    """A flag that cannot work, found before anything is loaded (utils/launch.py checks these
-    before it starts any process)."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it has none or its help already says it; shows each flag in
-    one spelling."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-    def _format_action_invocation(self, action):
-        aliases = getattr(action, "aliases", ())
-        if not aliases:
-            return super()._format_action_invocation(action)
-        shown = argparse.Action([s for s in action.option_strings if s not in aliases], action.dest,
-                                nargs=action.nargs, choices=action.choices, metavar=action.metavar)
-        return super()._format_action_invocation(shown)
-
-
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser that also accepts each long flag with its '-' and '_' swapped."""
-
-    def add_argument(self, *names, **kwargs):
-        swapped = [alias for name in names if name.startswith("--")
-                   for alias in (name.replace("_", "-"), "--" + name[2:].replace("-", "_"))
-                   if alias not in names]
-        action = super().add_argument(*names, *dict.fromkeys(swapped), **kwargs)
-        # BooleanOptionalAction adds a --no- form of each spelling: those of the swapped ones too.
-        action.aliases = [s for s in action.option_strings if s not in names
-                          and not (s.startswith("--no-") and "--" + s[5:] in names)]
-        return action
 
 
 def get_parser(step: int | None = None) -> argparse.ArgumentParser:
     """The flags, with `step`'s defaults when it is known (stepN/run.sh passes it)."""
     defaults = recipe.STEPS.get(step, {})
     p = Parser(description=f"AdamBNN step {step}: " + recipe.STEP_DESCRIPTIONS[step] if step else
-               "Train ReActNet-A the AdamBNN way, either step.", formatter_class=HelpFormatter)
+               "Train ReActNet-A the AdamBNN way, either step.")
     p.add_argument("--step", type=int, choices=(1, 2), required=step is None, default=step,
                    help="1: binary activations, real weights; 2: binary weights and activations"
                    if step is None else argparse.SUPPRESS)
     # The original's flags, same names and meanings.
     p.add_argument("--data", default=os.environ.get("DATA"),
                    help="ImageFolder root with train/ and val/ (default: $DATA)")
-    p.add_argument("--batch_size", type=int, default=recipe.COMMON["batch_size"],
-                   help="global batch size, split evenly over the processes")
     p.add_argument("--learning_rate", type=float, default=None,
                    help="initial learning rate (default: 1.25e-3 for adam and adamw, 0.1 for sgd)")
     p.add_argument("--epochs", type=int, default=recipe.COMMON["epochs"])
@@ -79,9 +40,7 @@ def get_parser(step: int | None = None) -> argparse.ArgumentParser:
     p.add_argument("--save", default=defaults.get("save"),
                    help="output folder" + ("" if step else " (default: step1/output or step2/output)"))
     p.add_argument("--teacher", default=recipe.COMMON["teacher"], help="torchvision model name")
-    p.add_argument("-j", "--workers", type=int, default=None,
-                   help="data-loading workers per process (default: the CPUs this process may use, "
-                        "shared by the node's processes, at most 8)")
+    add_loader_flags(p)  # --batch_size, -j/--workers (the original's), --input-size, --data-backend
     # Additions.
     p.add_argument("--teacher-weights", default=None,
                    help="teacher state_dict file instead of torchvision's ImageNet weights")
@@ -92,26 +51,10 @@ def get_parser(step: int | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     p.add_argument("--optimizer", choices=("adam", "sgd", "adamw"), default="adam",
                    help="adam (the recipe; coupled L2 decay), sgd (momentum 0.9), adamw (decoupled decay)")
-    p.add_argument("--input-size", type=int, default=recipe.COMMON["input_size"],
-                   help="train crop size, a multiple of 32; validation resizes to size*256/224 and centre-crops")
     p.add_argument("--print-freq", type=int, default=10, help="progress line every N iterations")
     p.add_argument("--analysis-every", type=int, default=0,
                    help="measure the paper's quantities (utils/analysis) every N iterations; 0 = off")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32: true float32, TF32 off (the recipe's arithmetic, as on the authors' V100s); "
-                        "tf32: float32 with TF32 matmuls and convolutions on CUDA; bf16: bf16 autocast "
-                        "for student and teacher, the loss in float32")
-    p.add_argument("--data-backend", choices=("pil", "torch"), default="pil",
-                   help="pil: decode and augment in the loader workers (the original's transforms); "
-                        "torch: workers read the bytes, this process decodes (nvjpeg on CUDA) and "
-                        "augments batches on its device, the same parameters and pixels")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format (default: on with CUDA, off on CPU)")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile student and teacher with BACKEND (default: inductor with CUDA, "
-                        "off on CPU)")
-    p.add_argument("--no-compile", dest="compile", action="store_const", const="none",
-                   help="do not compile")
+    add_device_flags(p)
     p.add_argument("--fast-decode", action="store_true",
                    help="decode training JPEGs at reduced size (utils.data.draft_loader); changes pixels")
     p.add_argument("--skip-bad-images", type=int, default=0, metavar="N",
@@ -126,7 +69,7 @@ def get_parser(step: int | None = None) -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse with the defaults of the step that `--step` names."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False)
     pre.add_argument("--step", type=int, choices=(1, 2))
     step = pre.parse_known_args(argv)[0].step
     return get_parser(step).parse_args(argv)
@@ -146,16 +89,11 @@ def resolve_args(args, world_size: int | None = None) -> argparse.Namespace:
         args.init_checkpoint = step["init_checkpoint"]
     if not args.data:
         raise ConfigError("no data: pass --data DIR or set DATA (a folder with train/ and val/)")
-    for flag, value, least in (("--epochs", args.epochs, 1), ("--batch_size", args.batch_size, 1),
-                               ("--print-freq", args.print_freq, 1), ("--input-size", args.input_size, 32),
-                               ("-j/--workers", args.workers, 0), ("--analysis-every", args.analysis_every, 0),
-                               ("--skip-bad-images", args.skip_bad_images, 0),
-                               ("--stop-after-epochs", args.stop_after_epochs, 1)):
-        if value is not None and value < least:
-            raise ConfigError(f"{flag} must be at least {least}, got {value}")
-    if args.input_size % 32:
-        raise ConfigError(f"--input-size {args.input_size} is not a multiple of 32: ReActNet-A halves "
-                          "the resolution five times (224 is the recipe's)")
+    check_at_least(("--epochs", args.epochs, 1), ("--batch_size", args.batch_size, 1),
+                   ("--print-freq", args.print_freq, 1))
+    check_input_size(args.input_size)
+    check_at_least(("-j/--workers", args.workers, 0), ("--analysis-every", args.analysis_every, 0),
+                   ("--skip-bad-images", args.skip_bad_images, 0), ("--stop-after-epochs", args.stop_after_epochs, 1))
     if not 0 <= args.seed <= MAX_SEED:
         raise ConfigError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     if not (math.isfinite(args.learning_rate) and args.learning_rate >= 0):
@@ -164,17 +102,11 @@ def resolve_args(args, world_size: int | None = None) -> argparse.Namespace:
     if not math.isfinite(args.weight_decay):
         raise ConfigError(f"--weight_decay {args.weight_decay} must be a number (the recipe's is "
                           f"{step['weight_decay']})")
-    cuda = torch.cuda.is_available()
-    if args.channels_last is None:
-        args.channels_last = cuda
-    if args.compile is None:
-        args.compile = "inductor" if cuda else "none"
+    resolve_device_layout(args, torch.cuda.is_available())
     if args.fast_decode and args.data_backend != "pil":
         raise ConfigError("--fast-decode is a PIL decoding option: it needs --data-backend pil")
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world_size:
-        raise ConfigError(f"--batch_size {args.batch_size} (global) does not split evenly over "
-                          f"{world_size} processes: use a multiple of {world_size}")
+    check_batch_split(args.batch_size, world_size)
     if args.input_size < 64 and args.batch_size == world_size:
         raise ConfigError(f"--batch_size {args.batch_size} is one image per process: at --input-size "
                           f"{args.input_size} the last feature maps are 1x1, and BatchNorm cannot train on one "

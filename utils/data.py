@@ -1,4 +1,5 @@
-"""ImageFolder datasets, the original transforms (with Lighting), samplers and loaders.
+"""ImageFolder datasets, the original transforms (with Lighting), samplers and the PIL backend's
+loaders (utils/loaders.py chooses between the two backends).
 
 Unreadable images: a file that cannot be read (truncated, corrupt, not an image) does not raise
 inside the loader; its sample comes as `Unreadable(path, reason)` and the batch lists it in
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler, default_co
 from torchvision import datasets, transforms
 
 from . import recipe
-from .cli import UserError
+from .errors import DataError
 from .preempt import STOP_SIGNALS
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -32,10 +33,6 @@ IMAGENET_PCA_EIGVAL = np.array([0.2175, 0.0188, 0.0045], dtype=np.float32)
 IMAGENET_PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
                                 [-0.5808, -0.0045, -0.8140],
                                 [-0.5836, -0.6948, 0.4203]], dtype=np.float32)
-
-
-class DataError(UserError, ValueError):
-    """A data folder that cannot be used; the message says why."""
 
 
 @dataclass
@@ -244,38 +241,6 @@ def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_me
 def val_loader(root, batch_size, workers, world_size=1, rank=0, pin_memory=False, input_size=224):
     ds = image_folder(root, "val", val_transform(input_size))
     return data_loader(ds, ShardSampler(ds, world_size, rank), batch_size, workers, pin_memory)
-
-
-def build_loader(split: str, backend: str, root: str, batch_size: int, info, *, workers=None,
-                 input_size=224, seed=0, fast_decode=False, log=print):
-    """(loader, prepare) of `split` ('train' or 'val') for the data backend `backend` ('pil' or
-    'torch'): `prepare(batch, device)` turns a loaded batch into a Batch on the device.
-    `batch_size` is the global batch, split over the processes of `info` (a DistInfo); `workers`
-    per process (default: default_workers). Training leaves out a last batch of one image per
-    process where the network's last feature maps are 1x1 (input size 32), which BatchNorm cannot
-    train on, and says so."""
-    workers = default_workers(info.local_world_size) if workers is None else workers
-    batch_size //= info.world_size
-    common = dict(world_size=info.world_size, rank=info.rank, pin_memory=info.device.type == "cuda",
-                  input_size=input_size)
-    if backend == "torch":
-        from .torch_data import torch_train_loader, torch_val_loader
-        if split == "train":
-            loader, prepare = torch_train_loader(root, batch_size, workers, seed=seed, **common)
-        else:
-            loader, prepare = torch_val_loader(root, batch_size, workers, **common)
-    elif split == "train":
-        loader, prepare = train_loader(root, batch_size, workers, seed=seed, fast_decode=fast_decode,
-                                       **common), to_device
-    else:
-        loader, prepare = val_loader(root, batch_size, workers, **common), to_device
-    sampler = loader.sampler
-    if split == "train" and input_size < 64 and sampler.num_samples % batch_size == 1:
-        sampler.drop = 1
-        log(f"=> the last batch of each epoch would hold one image per process, and BatchNorm cannot "
-            f"train on one image with 1x1 feature maps (--input-size {input_size}): it is left out, "
-            f"{info.world_size} image(s) an epoch")
-    return loader, prepare
 
 
 def check_same_classes(train, val, root: str) -> list:

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import num_classes, read_checkpoint
-from .cli import UserError
+from .checkpoint import check_classes, detect_format, num_classes, read_checkpoint, remap_state_dict
 from .distributed import broadcast_object, get_rank
+from .errors import UserError
 
 __all__ = ["DistributionLoss", "build_teacher"]
 
@@ -32,26 +32,24 @@ class DistributionLoss(nn.Module):
 
 
 def build_teacher(name: str, weights_path: str | None, classes: int, log) -> nn.Module:
-    """The frozen torchvision teacher `name`, in eval mode: the state_dict of `weights_path`, or
-    torchvision's ImageNet weights (IMAGENET1K_V1 where the model has them), fetched once by rank
-    0 while the others wait (offline: from TORCH_HOME's cache)."""
+    """The frozen torchvision teacher `name`, in eval mode: the weights of `weights_path` (a
+    state_dict, or a checkpoint holding one: any layout utils.checkpoint reads), or torchvision's
+    ImageNet weights (IMAGENET1K_V1 where the model has them), fetched once by rank 0 while the
+    others wait (offline: from TORCH_HOME's cache)."""
     import torchvision
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
         raise UserError(f"--teacher {name!r} is not a torchvision model") from None
     if weights_path:
-        obj = read_checkpoint(weights_path)
-        state = obj.get("state_dict", obj.get("model", obj)) if isinstance(obj, dict) else obj
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+        state = detect_format(read_checkpoint(weights_path))[1]
         teacher_classes, source = num_classes(state, weights_path), weights_path
     else:
         enum = torchvision.models.get_model_weights(name)
         weights = getattr(enum, "IMAGENET1K_V1", None) or enum.DEFAULT
         teacher_classes, source = len(weights.meta["categories"]), f"torchvision {weights}"
-    if teacher_classes != classes:
-        raise UserError(f"the teacher ({source}) has {teacher_classes} classes but the data has {classes}: "
-                        f"pass --teacher-weights with a {classes}-class {name}")
+    check_classes(f"the teacher ({source})", teacher_classes, classes,
+                  f"pass --teacher-weights with a {classes}-class {name}")
     if not weights_path:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
         failure = None
@@ -67,7 +65,7 @@ def build_teacher(name: str, weights_path: str | None, classes: int, log) -> nn.
         state = weights.get_state_dict(progress=False, check_hash=True)
     teacher = builder(num_classes=teacher_classes)
     try:
-        teacher.load_state_dict(state, strict=True)
+        teacher.load_state_dict(remap_state_dict(state, teacher), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise UserError(f"{source} does not fit torchvision {name}: {' '.join(first[:3])}") from None

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -33,7 +35,6 @@ def init_distributed() -> DistInfo:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if cuda:
         if local_rank >= torch.cuda.device_count():
-            from .cli import UserError
             raise UserError(f"process {local_rank} on this node has no GPU ({torch.cuda.device_count()} "
                             "visible); lower NPROC_PER_NODE")
         device = torch.device("cuda", local_rank)

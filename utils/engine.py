@@ -1,28 +1,44 @@
 """The training and evaluation loops, nothing else: the same for both steps.
 
 Both loops take batches from a loader and turn each into a `utils.data.Batch` on the device with
-`prepare(batch, device)` (the data backend's: a copy for PIL, decoding and augmenting for torch).
+`prepare(batch, device)` (the data backend's: a copy for PIL, decoding and augmenting for torch),
+and run as their `LoopSettings` say (device, arithmetic, memory format, logging, limits).
 The training loop waits for the device only to print a progress line and every `SYNC_EVERY`
 iterations; there the processes agree on whether to stop: a stop signal (preemption), a
 non-finite loss, or more unreadable images than allowed.
 """
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .cli import UserError
-from .data import DataError, to_device
+from .data import to_device
 from .distributed import all_gather_object, all_reduce_max, all_reduce_sum
+from .errors import DataError, NonFiniteLoss
 from .logger import AverageMeter, progress_line
-from .precision import autocast
+from .precision import autocast, memory_format
+from .run_folder import Progress
+
+__all__ = ["LoopSettings", "TrainStats", "EvalStats", "train_one_epoch", "evaluate", "train_step", "correct_topk"]
 
 SYNC_EVERY = 10  # iterations between the processes' checks (each waits for the device once)
 
 
-class NonFiniteLoss(UserError, RuntimeError):
-    """The loss became NaN or infinite; the message names the epoch and iteration."""
+@dataclass
+class LoopSettings:
+    """How the loops run, the same in every epoch of a run. `stop()` says whether a stop signal
+    came (utils.preempt.StopRequest); `log` takes the progress lines (None: none are made);
+    `max_skipped`: unreadable training images skipped per epoch (--skip-bad-images)."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"
+    channels_last: bool = False
+    print_freq: int = 10
+    log: Callable | None = None
+    world_size: int = 1  # processes, for the images/s of all of them
+    max_skipped: int = 0
+    stop: Callable | None = None
 
 
 @dataclass
@@ -43,17 +59,6 @@ class EvalStats:
     top1: float
     top5: float
     count: int
-
-
-@dataclass
-class Progress:
-    """Where an epoch stands, saved in a mid-epoch checkpoint so that a relaunch continues it:
-    iterations done, and the running sums of the training metrics (loss * n, correct@1,
-    correct@5 on this process; images; seconds)."""
-    iteration: int = 0
-    sums: torch.Tensor | None = None
-    count: int = 0
-    time: float = 0.0
 
 
 def train_step(student, teacher, images, criterion, optimizer, precision="fp32", monitor=None):
@@ -85,20 +90,16 @@ def correct_topk(logits, target, topk=(1, 5)) -> list:
     return [hit[:, :min(k, maxk)].any(dim=1).sum().float() for k in topk]
 
 
-def _memory_format(channels_last):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, device, *,
-                    prepare=to_device, progress=None, stop=None, max_skipped=0,
-                    precision="fp32", channels_last=False, monitor=None, eager_model=None,
-                    print_freq=10, log=None, world_size=1) -> TrainStats:
+def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, settings: LoopSettings, *,
+                    prepare=to_device, progress=None, monitor=None) -> TrainStats:
     """Train one epoch, or its rest from `progress` (a mid-epoch checkpoint's). Returns the
-    training metrics over all processes; `stopped_at` is set when `stop()` (a signal) ended it
-    early. Raises NonFiniteLoss, and DataError past `max_skipped` unreadable images.
+    training metrics over all processes; `stopped_at` is set when `settings.stop()` (a signal)
+    ended it early. Raises NonFiniteLoss, and DataError past `settings.max_skipped` unreadable
+    images.
 
-    `eager_model`: `student` uncompiled, run on the iterations the monitor measures (its hooks
-    would make the compiled one recompile)."""
+    The iterations the analysis's `monitor` measures run `student` uncompiled (a torch.compile'd
+    module's `_orig_mod`): its hooks would make the compiled one recompile."""
+    device, log, stop, max_skipped = settings.device, settings.log, settings.stop, settings.max_skipped
     student.train()
     teacher.eval()
     progress = progress or Progress()
@@ -109,7 +110,7 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
     sums = progress.sums if progress.sums is not None else torch.zeros(3, device=device)
     count, skipped = progress.count, []
     first_nonfinite = torch.full((), -1, dtype=torch.long, device=device)
-    fmt = _memory_format(channels_last)
+    fmt = memory_format(settings.channels_last)
     start = end = time.perf_counter()
     i = first - 1
     for i, raw in enumerate(loader, start=first):
@@ -120,12 +121,12 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
         model = student
         if monitor is not None:
             monitor.start_iteration(i)
-            if monitor.measuring and eager_model is not None:
-                model = eager_model
+            if monitor.measuring:
+                model = getattr(student, "_orig_mod", student)
         if images.size(0) == 0:  # (a process cannot skip an iteration the others take)
             path, reason = batch.bad[0]
             raise DataError(f"every training image of a batch is unreadable, e.g. {path} ({reason})")
-        loss, logits = train_step(model, teacher, images, criterion, optimizer, precision, monitor)
+        loss, logits = train_step(model, teacher, images, criterion, optimizer, settings.precision, monitor)
         first_nonfinite = torch.where((first_nonfinite < 0) & ~torch.isfinite(loss),
                                       i, first_nonfinite)
         n = images.size(0)
@@ -134,13 +135,13 @@ def train_one_epoch(student, teacher, loader, criterion, optimizer, epoch, devic
         count += n
         batch_time.update(time.perf_counter() - end)
         last = i == num_batches - 1
-        printing = log is not None and (i % print_freq == 0 or last)
+        printing = log is not None and (i % settings.print_freq == 0 or last)
         if printing:
             b, s = (batch_sums / n).tolist(), (sums / count).tolist()  # synchronizes, at print time only
             log(progress_line(
                 epoch, i, num_batches, batch_time, data_time, loss=(b[0], s[0]),
                 top1=(100 * b[1], 100 * s[1]), top5=(100 * b[2], 100 * s[2]),
-                lr=optimizer.param_groups[0]["lr"], images_per_s=n * world_size / batch_time.avg))
+                lr=optimizer.param_groups[0]["lr"], images_per_s=n * settings.world_size / batch_time.avg))
         end = time.perf_counter()
         if printing or (i + 1) % SYNC_EVERY == 0 or last:  # a printed line waited already
             flags = all_reduce_max(torch.stack([
@@ -183,20 +184,22 @@ def first_everywhere(items: list):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, *, prepare=to_device, precision="fp32", channels_last=False) -> EvalStats:
+def evaluate(model, loader, settings: LoopSettings, *, prepare=to_device) -> EvalStats:
     """Plain cross-entropy loss, top-1 and top-5 (%) over the images of all processes' shards
-    (each image once), and their count. An unreadable image is never skipped: every process
-    finishes its shard, then all raise DataError naming a file (this process's, else another's)."""
+    (each image once), and their count, on `settings.device` with its precision and memory format.
+    An unreadable image is never skipped: every process finishes its shard, then all raise
+    DataError naming a file (this process's, else another's)."""
+    device = settings.device
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct@1, correct@5, count
     bad = []
-    fmt = _memory_format(channels_last)
+    fmt = memory_format(settings.channels_last)
     for raw in loader:
         batch = prepare(raw, device)
         bad += batch.bad
         if batch.images.size(0) == 0:
             continue
-        with autocast(device, precision):
+        with autocast(device, settings.precision):
             logits = model(batch.images.contiguous(memory_format=fmt))
         logits = logits.float()
         sums += torch.stack([F.cross_entropy(logits, batch.target, reduction="sum"),

@@ -6,7 +6,7 @@ NODE_RANK, MASTER_ADDR, MASTER_PORT (several nodes; without them one node on a f
 
 What it adds to torchrun, none of which hides a worker's message or exit code:
 - `--help`, usage errors and flags that cannot work (utils.config) are answered before any
-  worker starts;
+  worker starts, each a usage error or a one-line error with exit code 1;
 - SIGTERM, SIGUSR1 and SIGINT are passed on to the workers, which save and stop
   (utils/preempt.py); a second one kills them. A stop signal that comes before the workers can
   handle it ends the launch with the same exit code (75, or 130 for SIGINT): nothing was
@@ -97,7 +97,8 @@ def main(argv: list) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    from utils.config import ConfigError, parse_args, resolve_args
+    from utils.config import parse_args, resolve_args
+    from utils.errors import ConfigError
 
     nproc = int(os.environ.get("NPROC_PER_NODE") or max(torch.cuda.device_count(), 1))
     # The flags first, here: `--help`, a usage error or a flag that cannot work is said once,

@@ -1,4 +1,5 @@
-"""The arithmetic of training and evaluation, `--precision fp32|tf32|bf16`, in one place.
+"""The arithmetic of training and evaluation, `--precision fp32|tf32|bf16`, and the device
+layout, `--channels-last` and `--compile`, in one place (their defaults: utils/cli.py).
 
 fp32  float32 with TF32 off: the recipe's arithmetic (the authors trained on V100s, which have no
       TF32). PyTorch itself lets cuDNN convolutions use TF32 unless told otherwise.
@@ -9,7 +10,7 @@ import contextlib
 
 import torch
 
-__all__ = ["PRECISIONS", "set_precision", "autocast", "using"]
+__all__ = ["PRECISIONS", "set_precision", "autocast", "using", "memory_format", "compiled"]
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 
@@ -35,3 +36,13 @@ def using(precision: str):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    """The memory format of the models and the batches: channels_last, or the default layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def compiled(model, backend: str):
+    """torch.compile(model) with `backend`; the model itself for 'none'."""
+    return model if backend == "none" else torch.compile(model, backend=backend)

@@ -8,7 +8,7 @@ the same and exits with EXIT_INTERRUPTED. Relaunching the same command continues
 import ctypes
 import signal
 
-from .cli import UserError
+from .errors import UserError
 
 __all__ = ["EXIT_PREEMPTED", "EXIT_INTERRUPTED", "STOP_SIGNALS", "StopRequest", "Stopped", "exit_with_parent"]
 

@@ -1,12 +1,13 @@
 """Train ReActNet-A the AdamBNN way, either step: `python -m utils.train --step 1|2 [flags]`.
 
 step1/run.sh and step2/run.sh run it under torchrun (utils/launch.py: one process per GPU, DDP);
-it runs as a single process without torchrun too. `train()` holds the stop-signal handler, the
-process group and the run's folder; `_train()` builds the run's parts as named locals -- data,
-teacher, student, optimizer, resume, scheduler -- then runs the epoch loop. The flags and
-their checks are in utils/config.py, the published defaults in utils/recipe.py, the loops in
-utils/engine.py, the resume and save policy in utils/checkpoint.py. Relaunching the same command
-resumes from <save>/checkpoint.pth.tar, mid-epoch after a stop signal.
+it runs as a single process without torchrun too. `main()` parses the flags and turns errors
+into one-line messages; `train()` holds the stop-signal handler, the process group and the run's
+folder; `_train()` builds the run's parts as named locals -- data, teacher, student, optimizer,
+resume, scheduler -- then runs the epoch loop. The flags and their checks are in utils/config.py,
+the published defaults in utils/recipe.py, the loops in utils/engine.py, the resume and save
+policy in utils/run_folder.py. Relaunching the same command resumes from
+<save>/checkpoint.pth.tar, mid-epoch after a stop signal.
 """
 import datetime
 import os
@@ -18,17 +19,18 @@ import torch.nn as nn
 from models import reactnet_a
 
 from . import recipe
-from .checkpoint import (CheckpointError, CheckpointSaver, TrainState, check_finite, checkpoint_step,
-                         load_weights, num_classes, read_checkpoint)
-from .cli import exit_on_error
-from .config import parse_args, resolve_args, schedule_warnings
-from .data import DataError, build_loader, check_same_classes
+from .cli import exit_on_error, flag_names
+from .config import get_parser, parse_args, resolve_args, schedule_warnings
+from .data import check_same_classes
 from .distill import DistributionLoss, build_teacher
 from .distributed import all_reduce_max, broadcast_buffers, cleanup, init_distributed
-from .engine import Progress, evaluate, train_one_epoch
+from .engine import LoopSettings, evaluate, train_one_epoch
+from .errors import DataError
+from .loaders import build_loader
 from .logger import RunLogger, git_commit
-from .precision import set_precision
+from .precision import compiled, memory_format, set_precision
 from .preempt import Stopped, StopRequest, exit_with_parent
+from .run_folder import CheckpointSaver, Progress, TrainState, format_top1, load_init_checkpoint
 
 __all__ = ["main", "train"]
 
@@ -85,12 +87,13 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     resume = saver.read_resume(args.step)
     state = TrainState(init_seed=args.seed)
     if resume is None and args.step == 2:
-        load_step1(student, args.init_checkpoint, log)
+        load_init_checkpoint(student, args.init_checkpoint, log)
     elif resume is not None:
-        state, notes = saver.restore(resume, args, student, optimizer, len(train_loader.dataset))
+        state, notes = saver.restore(resume, args, student, optimizer, len(train_loader.dataset),
+                                     flag_names(get_parser(args.step)))
         where = f" and {state.progress.iteration} iterations of epoch {state.epoch}" if state.progress.iteration else ""
         log(f"=> resuming from {saver.path}: {state.epoch} epochs{where} done, best val Acc@1 "
-            f"{_accuracy(state.best_top1)}" + "".join(f"; {note}" for note in notes))
+            f"{format_top1(state.best_top1)}" + "".join(f"; {note}" for note in notes))
     if signalled(stop, device):
         raise Stopped.during_start_up(stop)
     if state.epoch >= args.epochs:
@@ -99,19 +102,20 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     scheduler = recipe.build_scheduler(optimizer, args.learning_rate, args.epochs, epochs_done=state.epoch)
     monitor = None
     if args.analysis_every:
-        from .analysis import TrainingMonitor
+        from .analysis import TrainingMonitor, c2i_reference
         reference = c2i_reference(args, state, student, len(classes), log)
         monitor = TrainingMonitor(student, optimizer, args.analysis_every, reference=reference)
 
-    memory_format = torch.channels_last if args.channels_last else torch.preserve_format
-    student.to(device, memory_format=memory_format)
-    teacher.to(device, memory_format=memory_format)
+    student.to(device, memory_format=memory_format(args.channels_last))
+    teacher.to(device, memory_format=memory_format(args.channels_last))
     # student: what is saved; ddp: what trains, uncompiled (the analysis's measured iterations);
     # model: what trains; eval_model: what validates (every process validates its own shard).
     ddp = student if info.world_size == 1 else nn.parallel.DistributedDataParallel(
         student, device_ids=[device.index] if device.type == "cuda" else None)
-    compiled = (lambda m: m) if args.compile == "none" else (lambda m: torch.compile(m, backend=args.compile))
-    model, eval_model, teacher = compiled(ddp), compiled(student), compiled(teacher)
+    model, eval_model, teacher = (compiled(m, args.compile) for m in (ddp, student, teacher))
+    loop = LoopSettings(device=device, precision=args.precision, channels_last=args.channels_last,
+                        print_freq=args.print_freq, log=log, world_size=info.world_size,
+                        max_skipped=args.skip_bad_images, stop=stop)
     log(f"=> --precision {args.precision}, channels_last {'on' if args.channels_last else 'off'}, "
         f"compile {args.compile}")
 
@@ -128,11 +132,8 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
         lr = optimizer.param_groups[0]["lr"]
         log(f"=> epoch {epoch}/{args.epochs}: learning_rate {lr:.6e}")
         train_loader.sampler.set_epoch(epoch, start=state.progress.iteration * train_loader.batch_size)
-        tr = train_one_epoch(
-            model, teacher, train_loader, DistributionLoss(), optimizer, epoch, device, prepare=prepare_train,
-            progress=state.progress, stop=stop, max_skipped=args.skip_bad_images, precision=args.precision,
-            channels_last=args.channels_last, monitor=monitor, eager_model=ddp, print_freq=args.print_freq,
-            log=log, world_size=info.world_size)
+        tr = train_one_epoch(model, teacher, train_loader, DistributionLoss(), optimizer, epoch, loop,
+                             prepare=prepare_train, progress=state.progress, monitor=monitor)
         log_data_notes(tr, prepare_train, log)
         if tr.stopped_at is not None:
             saver.save(state, student, optimizer, record)
@@ -141,8 +142,7 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
         scheduler.step()
         broadcast_buffers(student)  # every rank validates, and the checkpoint holds, rank 0's BN stats
         try:
-            va = evaluate(eval_model, val_loader, device, prepare=prepare_val, precision=args.precision,
-                          channels_last=args.channels_last)
+            va = evaluate(eval_model, val_loader, loop, prepare=prepare_val)
         except DataError as e:  # an unreadable validation image: keep the trained epoch
             state.epoch = epoch + 1
             saver.save(state, student, optimizer, record)
@@ -177,46 +177,6 @@ def signalled(stop, device) -> bool:
     return bool(all_reduce_max(torch.tensor([int(stop())], device=device)).item())
 
 
-def load_step1(student: nn.Module, path: str, log) -> None:
-    """Step 2 starts from step 1's best model, loaded strictly."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"step 2 starts from a step-1 checkpoint and {path} does not exist: run step 1 "
-                              "first (bash step1/run.sh) or pass --init-checkpoint PATH")
-    obj = read_checkpoint(path)
-    if checkpoint_step(obj) == 2:
-        raise CheckpointError(f"{path} is a step-2 checkpoint; step 2 starts from step 1's model_best.pth.tar "
-                              "(pass it with --init-checkpoint)")
-    classes = num_classes(obj.get("state_dict", obj) if isinstance(obj, dict) else {}, path)
-    if classes != student.fc.out_features:
-        raise CheckpointError(f"{path} has {classes} classes and the data {student.fc.out_features}: step 2 "
-                              "trains on the classes of its step-1 checkpoint")
-    fmt = load_weights(student, obj)
-    check_finite(student.state_dict(), path)
-    epoch = f", epoch {obj['epoch']}, best val Acc@1 {_accuracy(obj.get('best_top1_acc'))}" \
-        if isinstance(obj, dict) and "epoch" in obj else ""
-    log(f"=> step 2 starts from {path} ({fmt}{epoch})")
-
-
-def c2i_reference(args, state: TrainState, student: nn.Module, classes: int, log) -> dict:
-    """The weights the analysis's C2I counts sign changes from: step 1's initialisation (rebuilt
-    from the seed the run started with, whatever --seed a relaunch gives), step 2's
-    --init-checkpoint (the resumed weights if that file is gone)."""
-    if args.step == 1:
-        with torch.random.fork_rng(devices=[]):  # the run's own generator state stays as it is
-            torch.manual_seed(state.init_seed)
-            weights = reactnet_a(binary_weights=False, num_classes=classes).state_dict()
-    elif state.epoch == 0 and not state.progress.iteration:
-        weights = student.state_dict()
-    elif os.path.isfile(args.init_checkpoint):
-        initial = reactnet_a(binary_weights=True, num_classes=classes)
-        load_weights(initial, args.init_checkpoint)
-        weights = initial.state_dict()
-    else:
-        log(f"=> {args.init_checkpoint} is gone: C2I is measured against the resumed weights")
-        weights = student.state_dict()
-    return {k: v.clone() for k, v in weights.items() if v.ndim == 4}
-
-
 def log_data_notes(stats, prepare, log) -> None:
     """What the epoch's data loading met: skipped unreadable images, CPU-decoded images."""
     for path, reason in stats.skipped:
@@ -226,10 +186,6 @@ def log_data_notes(stats, prepare, log) -> None:
         if counts["cpu_decoded"]:
             log(f"=> {counts['cpu_decoded']} of {counts['decoded']} training images were not "
                 "nvjpeg-decodable (CMYK, grayscale, not JPEG) and were decoded on the CPU")
-
-
-def _accuracy(top1) -> str:
-    return "none yet" if top1 is None else f"{top1:.3f}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The paper's findings at small scale, in one command, on the embedded digits data (CPU):
 
-    python -m utils.analysis.findings --out utils/analysis/results
+    python -m utils.analysis.findings --out docs/results
 
 runs, through the real training entry point (`python -m utils.train`, the program step1/run.sh
 and step2/run.sh launch) with `--analysis-every`, on scikit-learn's digits exported by the demo
@@ -20,7 +20,6 @@ an interrupted one resumes, a run whose loss turns NaN is stopped after that epo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -29,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from utils.cli import Parser, exit_on_error
+from utils.errors import ConfigError, UserError
 from utils.recipe import LEARNING_RATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -346,8 +347,8 @@ def _run(cmd, log_path=None, env=None, stop_on=None, failure_ok=None):
         if out:
             out.close()
     if rc != 0 and not (failure_ok and failure_ok()):
-        raise SystemExit(f"findings: command failed ({rc}): {' '.join(cmd)}"
-                         + (f"; see {log_path}" if log_path else ""))
+        raise UserError(f"a command of the findings failed ({rc}): {' '.join(cmd)}"
+                        + (f"; see {log_path}" if log_path else ""))
 
 
 def _env(threads: int | None = None):
@@ -462,10 +463,8 @@ def report(args, runs, wall: dict | None = None) -> str:
 
 
 def get_parser():
-    p = argparse.ArgumentParser(prog="python -m utils.analysis.findings",
-                                description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "utils", "analysis", "results"),
+    p = Parser(prog="python -m utils.analysis.findings", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "results"),
                    help="folder for results.md, results.json and the plots")
     p.add_argument("--work", default=os.path.join(ROOT, "demo_output", "analysis"),
                    help="folder for the runs (checkpoints and logs)")
@@ -494,6 +493,12 @@ def get_parser():
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
+    with exit_on_error():
+        return find(args)
+
+
+def find(args):
+    """Run (unless --report-only) and report the runs `args` select; returns the results.md path."""
     for name in ("out", "work", "data", "teacher_weights"):
         setattr(args, name, os.path.abspath(getattr(args, name)))
     runs = default_runs()
@@ -501,7 +506,7 @@ def main(argv=None):
         wanted = set(args.runs.split(","))
         unknown = wanted - {r["name"] for r in runs}
         if unknown:
-            raise SystemExit(f"findings: unknown run(s) {sorted(unknown)}")
+            raise ConfigError(f"--runs: unknown run(s) {sorted(unknown)}")
         runs = [r for r in runs if r["name"] in wanted]
     wall = {}
     if not args.report_only:
@@ -511,11 +516,11 @@ def main(argv=None):
         for run in runs:
             if run.get("init") and not os.path.isfile(
                     os.path.join(args.work, "runs", run["init"], "model_best.pth.tar")):
-                raise SystemExit(f"findings: {run['name']} starts from {run['init']}, which has "
-                                 "no model_best.pth.tar: include it in --runs")
+                raise ConfigError(f"--runs: {run['name']} starts from {run['init']}, which has "
+                                  "no model_best.pth.tar: include it in --runs")
             wall[run["name"]] = run_training(run, args, teacher, env)
         print(f"findings: all runs took {time.perf_counter() - start:.0f} s", flush=True)
-    report(args, runs, wall)
+    return report(args, runs, wall)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ matplotlib, an optional extra: `pip install matplotlib`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -27,7 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.cli import UserError, exit_on_error
+from models import reactnet_a
+from utils.checkpoint import (check_classes, checkpoint_step, detect_format, load_weights, num_classes,
+                              read_checkpoint, trained_input_size)
+from utils.cli import Parser, check_input_size, exit_on_error
+from utils.errors import UserError
 
 __all__ = ["filter_normalized_direction", "loss_surface", "surface_stats", "load_subset",
            "plot_surface", "main"]
@@ -168,9 +171,6 @@ def plot_surface(result: dict, path: str, title: str, vmax: float | None = None)
 
 def build_model(checkpoint: str, step: str):
     """The ReActNet-A of `checkpoint` (either step, this repo's or a released file) and its step."""
-    from models import reactnet_a
-    from utils.checkpoint import checkpoint_step, detect_format, load_weights, read_checkpoint
-
     obj = read_checkpoint(checkpoint)
     _, state_dict = detect_format(obj)
     if step == "auto":
@@ -179,19 +179,13 @@ def build_model(checkpoint: str, step: str):
         step_n = found if found is not None else 2
     else:
         step_n = int(step)
-    fc = next((v for k, v in state_dict.items() if k.endswith("fc.weight")), None)
-    num_classes = fc.shape[0] if fc is not None else 1000
-    model = reactnet_a(binary_weights=step_n == 2, num_classes=num_classes)
+    model = reactnet_a(binary_weights=step_n == 2, num_classes=num_classes(state_dict, checkpoint))
     fmt = load_weights(model, obj)
-    args = obj.get("args", {}) if isinstance(obj, dict) else {}
-    input_size = args.get("input_size") if isinstance(args, dict) else None
-    return model, step_n, fmt, input_size
+    return model, step_n, fmt, trained_input_size(obj)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(
-        prog="python -m utils.analysis.landscape", description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m utils.analysis.landscape", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="this repository's checkpoint (either step) "
                    "or a released one")
     p.add_argument("--data", required=True, help="ImageFolder root (with train/ and val/)")
@@ -217,11 +211,12 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     with exit_on_error():
+        check_input_size(args.input_size)
         model, step, fmt, ckpt_size = build_model(args.checkpoint, args.step)
         input_size = args.input_size or ckpt_size or 224
         images, labels, classes = load_subset(args.data, args.split, input_size, args.subset, args.seed)
-        if model.fc.out_features != len(classes):
-            raise UserError(f"the checkpoint has {model.fc.out_features} classes, {args.data} has {len(classes)}")
+        check_classes(args.checkpoint, model.fc.out_features, len(classes),
+                      f"pass --data with the {model.fc.out_features} classes it was trained on")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    f"landscape_step{step}")
     os.makedirs(os.path.dirname(os.path.abspath(out)) or ".", exist_ok=True)

@@ -22,14 +22,17 @@ occur in practice and the network's sign(0) = 0 is not a third state worth track
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
 
+from models import reactnet_a
 from models.binary import BinaryConv2d
+from utils.checkpoint import load_weights
 
 __all__ = [
-    "TrainingMonitor", "sign_flip_fraction", "sign_change_fraction", "saturation_fraction",
+    "TrainingMonitor", "c2i_reference", "sign_flip_fraction", "sign_change_fraction", "saturation_fraction",
     "dead_fraction", "latent_gt1_fraction", "effective_step", "binary_convs",
     "DEAD_TOL", "WEAK_REL", "REVIVE_REL",
 ]
@@ -476,3 +479,23 @@ class TrainingMonitor:
         self._closed = True
         self._snap, self._buffers, self._ref = {}, {}, {}
 
+
+def c2i_reference(args, state, student: nn.Module, classes: int, log) -> dict:
+    """The weights the analysis's C2I counts sign changes from: step 1's initialisation (rebuilt
+    from the seed the run started with, whatever --seed a relaunch gives), step 2's
+    --init-checkpoint (the resumed weights if that file is gone). `args`: the run's flags; `state`:
+    its utils.run_folder.TrainState."""
+    if args.step == 1:
+        with torch.random.fork_rng(devices=[]):  # the run's own generator state stays as it is
+            torch.manual_seed(state.init_seed)
+            weights = reactnet_a(binary_weights=False, num_classes=classes).state_dict()
+    elif state.epoch == 0 and not state.progress.iteration:
+        weights = student.state_dict()
+    elif os.path.isfile(args.init_checkpoint):
+        initial = reactnet_a(binary_weights=True, num_classes=classes)
+        load_weights(initial, args.init_checkpoint)
+        weights = initial.state_dict()
+    else:
+        log(f"=> {args.init_checkpoint} is gone: C2I is measured against the resumed weights")
+        weights = student.state_dict()
+    return {k: v.clone() for k, v in weights.items() if v.ndim == 4}

@@ -1,38 +1,22 @@
 """`python -m utils.bench SUBCOMMAND`: each subcommand's flags, the defaults that depend on the
-device, and the run: the table on stdout, the results as JSON with `--json PATH`."""
+device, and the run: the table on stdout, the results as JSON with `--json PATH`. The parser and
+the input-size check are utils/cli.py's."""
 import argparse
 import json
 
 import torch
 
-from ..cli import UserError, exit_on_error
+from ..cli import Parser, check_input_size, exit_on_error
 from ..data import default_workers
+from ..errors import UserError
 from ..precision import set_precision
 from . import end_to_end, iteration, loader, precision_check
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Each flag's default in its help, except None and off: such a flag's help says what happens
-    without it (a default that depends on the device, for example)."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not positive")
-    return value
-
-
-def multiple_of_32(text: str) -> int:
-    """A network input side: ReActNet-A halves the resolution five times."""
-    value = positive_int(text)
-    if value % 32:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 32")
     return value
 
 
@@ -71,23 +55,22 @@ def fill_jpeg_defaults(args, images: int):
     args.quality = 90 if args.quality is None else args.quality
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m utils.bench", description="Benchmarks of "
-                                     "ReActNet-A's training (utils/bench/__init__.py).")
+def get_parser() -> Parser:
+    parser = Parser(prog="python -m utils.bench", description="Benchmarks of ReActNet-A's training "
+                    "(utils/bench/__init__.py).")
     # The metavar names the public subcommands: memory-probe, internal, has no help and is not listed.
     subcommands = parser.add_subparsers(dest="subcommand", required=True,
                                         metavar="{iteration,loader,precision,end-to-end}")
 
     def add(name, run, description):
-        p = subcommands.add_parser(name, help=description, description=description,
-                                   formatter_class=HelpFormatter)
+        p = subcommands.add_parser(name, help=description, description=description)
         p.set_defaults(run=run)
         return p
 
     p = add("iteration", iteration_command, "Time and peak memory of one training iteration: the "
             "original code path (baseline) against this repository's modes.")
     add_model_flags(p, "default: 16 on CPU, 256 on CUDA", steps=[1, 2])
-    p.add_argument("--resolution", type=multiple_of_32, help="default: 128 on CPU, 224 on CUDA")
+    p.add_argument("--resolution", type=int, help="default: 128 on CPU, 224 on CUDA")
     p.add_argument("--modes", default=iteration.DEFAULT_MODES,
                    help="comma-separated: baseline, repo, or '+'-joined bf16, channels_last, compile; "
                         "baseline is measured in any case: the ratios are to it")
@@ -107,12 +90,12 @@ def get_parser() -> argparse.ArgumentParser:
     p = add("precision", precision_command, "Gradient cosine of fp32, tf32 (CUDA) and bf16 to a "
             "float64 reference, at initialization.")
     add_model_flags(p, "default: 8 on CPU, 32 on CUDA", steps=[1, 2])
-    p.add_argument("--resolution", type=multiple_of_32, help="default: 128 on CPU, 224 on CUDA")
+    p.add_argument("--resolution", type=int, help="default: 128 on CPU, 224 on CUDA")
 
     p = add("end-to-end", end_to_end_command, "Images/s of the training loop fed by each data "
             "backend, beside the model alone.")
     add_model_flags(p, "default: 16 on CPU, 256 on CUDA", steps=[2])
-    p.add_argument("--input-size", type=multiple_of_32, default=224,
+    p.add_argument("--input-size", type=int, default=224,
                    help="train crop size: the model's resolution")
     add_jpeg_flags(p, "4 batches")
     p.add_argument("--data", metavar="DIR", help="an ImageFolder root with train/ (default: generated JPEGs)")
@@ -162,6 +145,7 @@ def print_and_save(res: dict, table: str, json_path: str | None) -> dict:
 def iteration_command(args) -> dict:
     args.batch_size = args.batch_size or on_device(args, 16, 256)
     args.resolution = args.resolution or on_device(args, 128, 224)
+    check_input_size(args.resolution, "--resolution")
     if args.compile and "compile" not in args.modes.split(","):
         args.modes += ",compile"
     set_up_torch(args)
@@ -178,6 +162,7 @@ def loader_command(args) -> dict:
 def precision_command(args) -> dict:
     args.batch_size = args.batch_size or on_device(args, 8, 32)
     args.resolution = args.resolution or on_device(args, 128, 224)
+    check_input_size(args.resolution, "--resolution")
     set_up_torch(args)
     res = precision_check.run_precision_check(args)
     return print_and_save(res, precision_check.format_precision(res), args.json)
@@ -185,6 +170,7 @@ def precision_command(args) -> dict:
 
 def end_to_end_command(args) -> dict:
     args.batch_size = args.batch_size or on_device(args, 16, 256)
+    check_input_size(args.input_size)
     if args.data and (args.images or args.image_size or args.quality is not None):
         raise UserError("--images, --image-size and --quality describe generated JPEGs: "
                         "leave them out with --data")

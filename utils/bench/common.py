@@ -11,6 +11,7 @@ from PIL import Image
 from models import reactnet_a
 
 from .. import recipe
+from ..machine import cpu_name
 
 
 def build_models(step: int, num_classes: int = 1000):
@@ -50,24 +51,6 @@ def describe_machine(m: dict) -> str:
     return (f"torch {m['torch']}, torchvision {m['torchvision']}, Python {m['python']}; device {m['device']}: "
             f"{m.get('gpu', m['cpu'])}; {m['cpus']} CPUs, {m['threads']} torch threads"
             + (f"; CUDA {m['cuda']}, cuDNN {m['cudnn']}" if "gpu" in m else ""))
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def make_jpegs(folder: str, count: int, width: int, height: int, quality: int = 90, seed: int = 0):

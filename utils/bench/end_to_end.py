@@ -9,8 +9,9 @@ import tempfile
 import time
 
 from .. import data
+from ..machine import load_average
 from ..torch_data import torch_train_loader
-from .common import describe_machine, load_average, machine_info, make_image_folder, sync
+from .common import describe_machine, machine_info, make_image_folder, sync
 from .iteration import Runner
 
 

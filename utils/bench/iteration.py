@@ -38,11 +38,12 @@ import time
 import torch
 
 from .. import recipe
-from ..cli import UserError
 from ..distill import DistributionLoss
 from ..engine import train_step
+from ..errors import UserError
+from ..machine import load_average
 from .baseline import baseline_reactnet_a, baseline_train_step
-from .common import build_models, describe_machine, fixed_images, load_average, machine_info, sync
+from .common import build_models, describe_machine, fixed_images, machine_info, sync
 
 MiB = 2 ** 20
 FEATURES = ("bf16", "channels_last", "compile")

@@ -10,7 +10,8 @@ import torch
 from torchvision.datasets.folder import pil_loader  # what ImageFolder decodes with
 
 from .. import data
-from .common import cpu_name, load_average, make_jpegs
+from ..machine import cpu_name, load_average
+from .common import make_jpegs
 
 
 def seconds_per_input(fn, inputs, reps: int) -> float:

@@ -21,7 +21,8 @@ import shutil
 import sys
 import time
 
-from ..cli import UserError, exit_on_error
+from ..cli import Parser, exit_on_error
+from ..errors import UserError
 
 __all__ = ["export", "train_teacher", "main", "MANIFEST", "CLASSES"]
 
@@ -128,7 +129,7 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
 
     from ..checkpoint import atomic_save
     from ..data import train_loader, val_loader
-    from ..engine import evaluate
+    from ..engine import LoopSettings, evaluate
 
     torch.manual_seed(seed)
     device = torch.device("cpu")
@@ -151,7 +152,7 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
             optimizer.zero_grad(set_to_none=True)
             seen += images.size(0)
             loss_sum += loss.item() * images.size(0)
-        metrics = evaluate(model, val, device)
+        metrics = evaluate(model, val, LoopSettings(device=device))
         if verbose:
             print(f"teacher epoch {epoch + 1}/{epochs}: train loss {loss_sum / max(seen, 1):.3f}, "
                   f"val Acc@1 {metrics.top1:.2f} Acc@5 {metrics.top5:.2f} "
@@ -171,8 +172,8 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m utils.demo.digits", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="python -m utils.demo.digits", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export", help="write the digits in ImageFolder layout (once)")
     p.add_argument("--out", required=True, help="output folder (gets train/ and val/)")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PATHS", "PURE", "Fused", "library", "supported", "select", "active", "applies", "pack", "binary_conv"]
+__all__ = ["PATHS", "PURE", "Fused", "library", "supported", "select", "active", "applies", "sign_planes", "binary_conv"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.cpp")
 NAME = "adambnn_binary_conv"
@@ -157,7 +157,7 @@ def _row_stride(t, shape) -> int:
     return s[3]
 
 
-def pack(u: torch.Tensor, bias=None, pad: int = 0) -> torch.Tensor:
+def sign_planes(u: torch.Tensor, bias=None, pad: int = 0) -> torch.Tensor:
     """The bit-planes of sign(u + bias), u [n, c, h, w] float32: int64 [n, h + 2 pad, w + 2 pad, words, 2]
     (m, p), a zero border of `pad` pixels."""
     lib, path, threads = _call()
@@ -194,7 +194,7 @@ def binary_conv(module, u: torch.Tensor, fused: Fused | None = None) -> torch.Te
     k, stride, pad, out = module.kernel_size, module.stride, module.padding, module.out_channels
     h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     words, shape = -(-channels // WORD), (n, out, h_out, w_out)
-    planes = fused.planes if fused.planes is not None else pack(u, fused.input_bias, pad)
+    planes = fused.planes if fused.planes is not None else sign_planes(u, fused.input_bias, pad)
     if planes.shape != (n, h + 2 * pad, w + 2 * pad, words, 2):
         raise ValueError(f"packed input of shape {list(planes.shape)} does not fit {module} on {list(u.shape)}")
     y = fused.out

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from models import reactnet_a
 from models.binary import BinaryConv2d, BinaryWeight
-from utils.bench.common import cpu_name, load_average
 from utils.deploy import kernel
-from utils.deploy.export import PackedBinaryConv2d, load_step2, pack_model
+from utils.deploy.packed import PackedBinaryConv2d, build_step2_model, to_packed
+from utils.machine import cpu_name, load_average
 
 __all__ = ["benchmark", "layer_benchmark", "run"]
 
@@ -66,7 +66,7 @@ def benchmark(model: nn.Module, batch_sizes, input_size: int, device, rounds: in
     """Yield (batch size, [(float, packed) median ms per image, for each thread count of `threads`])
     for the float step-2 `model` and its packed form, timed alternately."""
     float_model = model.eval().to(device)
-    packed = pack_model(copy.deepcopy(model)).to(device)
+    packed = to_packed(copy.deepcopy(model)).to(device)
     for batch in batch_sizes:
         x = torch.randn(batch, 3, input_size, input_size, device=device)
         yield batch, _per_thread_count(threads, lambda: tuple(
@@ -121,7 +121,7 @@ def _print_rows(label: str, cells, path: str):
 def run(args):
     """`python -m utils.export --benchmark`: the tables, printed as they are measured."""
     size = args.input_size
-    model = load_step2(args.checkpoint) if args.checkpoint else reactnet_a(binary_weights=True)
+    model = build_step2_model(args.checkpoint) if args.checkpoint else reactnet_a(binary_weights=True)
     device = torch.device(args.device)
     threads = args.threads or sorted({1, torch.get_num_threads()})
     path = kernel.active() if device.type == "cpu" else kernel.PURE

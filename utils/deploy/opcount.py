@@ -10,26 +10,20 @@ Step 1's block convs take binary inputs but have real weights, so they are not X
 operations: they count as FLOPs here (the papers give no OPs for step 1). Counted as BOPs they
 would give exactly the step-2 numbers.
 
-`--summary` lists the step-2 network layer by layer, like Larq's `lq.models.summary`: binary or
-float, parameters, bits per weight, bytes in the packed 1-bit file (`utils.export`), BOPs and
-FLOPs, and the float vs packed model size.
-
-    python -m utils.ops [--input-size 224]
-    python -m utils.ops --summary [--checkpoint FILE] [--input-size 224]
+`summary` lists the step-2 network layer by layer, like Larq's `lq.models.summary`: binary or
+float, parameters, bits per weight, bytes in the packed 1-bit file (utils/deploy/packed.py), BOPs
+and FLOPs, and the float vs packed model size. Its command, `python -m utils.ops`, is
+utils/ops.py.
 """
-import argparse
 import copy
-import os
 
 import torch
 import torch.nn as nn
 
-from models import reactnet_a
 from models.binary import BinaryConv2d
-from utils.cli import exit_on_error
-from .export import PackedBinaryConv2d, load_step2, pack_model
+from utils.deploy.packed import PackedBinaryConv2d, to_packed
 
-__all__ = ["layer_ops", "count_ops", "summary", "print_summary"]
+__all__ = ["layer_ops", "count_ops", "summary"]
 
 
 def _binary(module) -> bool:
@@ -70,7 +64,7 @@ def layer_ops(model: nn.Module, input_size=(1, 3, 224, 224)) -> dict:
 
 def count_ops(model: nn.Module, input_size=(1, 3, 224, 224)) -> dict:
     """Return {'bops', 'flops', 'ops', 'params'} of `model` for one image of `input_size`[1:].
-    A packed network (utils.export) counts as the float network it was made from."""
+    A packed network (utils/deploy/packed.py) counts as the float network it was made from."""
     counts = {"bops": 0, "flops": 0}
     for kind, macs in layer_ops(model, input_size).values():
         counts[kind] += macs
@@ -80,7 +74,7 @@ def count_ops(model: nn.Module, input_size=(1, 3, 224, 224)) -> dict:
 
 
 def summary(model: nn.Module, input_size=(1, 3, 224, 224)) -> tuple[list, dict]:
-    """Layer by layer, a step-2 ReActNet-A and its packed form (`utils.export.pack_model`).
+    """Layer by layer, a step-2 ReActNet-A and its packed form (`utils.deploy.packed.to_packed`).
 
     Returns (rows, totals). A row is a conv or linear layer, or the rest of a block (BatchNorm,
     PReLU, move biases; a BatchNorm after a binary conv is folded into the packed conv's scale and
@@ -106,7 +100,7 @@ def summary(model: nn.Module, input_size=(1, 3, 224, 224)) -> tuple[list, dict]:
         row = row_of(key)
         row["float_bytes"] += tensor.numel() * tensor.element_size()
         row["params"] += params[key].numel() if key in params else 0
-    for key, tensor in pack_model(copy.deepcopy(model)).state_dict().items():
+    for key, tensor in to_packed(copy.deepcopy(model)).state_dict().items():
         row_of(key)["packed_bytes"] += tensor.numel() * tensor.element_size()
     # Each block's convs, then the rest of it.
     blocks = list(dict.fromkeys(".".join(layer.split(" ")[0].split(".")[:2]) for layer in rows))
@@ -115,56 +109,3 @@ def summary(model: nn.Module, input_size=(1, 3, 224, 224)) -> tuple[list, dict]:
     totals = {k: sum(r[k] for r in rows) for k in ("params", "float_bytes", "packed_bytes", "bops", "flops")}
     totals["ops"] = totals["flops"] + totals["bops"] // 64
     return rows, totals
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="BOPs, FLOPs and OPs of ReActNet-A, step 1 and step 2.")
-    parser.add_argument("--input-size", type=int, default=224, help="image side in pixels, a multiple of 32")
-    parser.add_argument("--summary", action="store_true",
-                        help="the step-2 network layer by layer, float and packed 1-bit (utils.export)")
-    parser.add_argument("--checkpoint", help="--summary: a step-2 checkpoint (its classes and file size)")
-    args = parser.parse_args(argv)
-    side = args.input_size
-    if side < 32 or side % 32:
-        parser.error(f"--input-size {side} is not a positive multiple of 32")
-    if args.summary:
-        with exit_on_error():
-            return print_summary(args.checkpoint, side)
-    if args.checkpoint:
-        parser.error("--checkpoint goes with --summary")
-    rows = [(step, count_ops(reactnet_a(binary_weights=step == 2), (1, 3, side, side))) for step in (1, 2)]
-
-    print(f"ReActNet-A, {side}x{side}, per image; multiply-accumulates; OPs = FLOPs + BOPs/64")
-    print(f"{'step':<6}{'BOPs':>16}{'FLOPs':>16}{'OPs':>16}{'params':>13}")
-    for step, c in rows:
-        print(f"{step:<6}{c['bops']:>16,}{c['flops']:>16,}{c['ops']:>16,}{c['params']:>13,}")
-    print("papers' notation:")
-    for step, c in rows:
-        print(f"{step:<6}{c['bops'] / 1e9:>15.2f}e9{c['flops'] / 1e8:>14.2f}e8{c['ops'] / 1e8:>14.2f}e8"
-              f"{c['params'] / 1e6:>12.2f}M")
-    print("step 1: block convs have binary inputs but real weights, counted as FLOPs;\n"
-          "step 2: block convs have binary inputs and weights, counted as BOPs.")
-
-
-def print_summary(checkpoint, side: int) -> None:
-    model = load_step2(checkpoint) if checkpoint else reactnet_a(binary_weights=True)
-    rows, t = summary(model, (1, 3, side, side))
-    print(f"ReActNet-A step 2, {side}x{side}, per image; packed: the 1-bit file of utils.export")
-    head = f"{'layer':<32}{'kind':<8}{'params':>12}{'bits':>6}{'packed bytes':>14}{'BOPs':>15}{'FLOPs':>13}"
-    print(head)
-    for r in rows:
-        print(f"{r['layer']:<32}{r['kind']:<8}{r['params']:>12,}{r['bits']:>6}{r['packed_bytes']:>14,}"
-              f"{r['bops']:>15,}{r['flops']:>13,}")
-    print(f"{'total':<40}{t['params']:>12,}{'':>6}{t['packed_bytes']:>14,}{t['bops']:>15,}{t['flops']:>13,}")
-    binary = [r for r in rows if r["kind"] == "binary"]
-    print(f"binary weights: {sum(r['params'] for r in binary):,} of {t['params']:,} parameters "
-          f"({100 * sum(r['params'] for r in binary) / t['params']:.1f}%), "
-          f"{sum(r['packed_bytes'] for r in binary):,} packed bytes")
-    print(f"model size: float {t['float_bytes'] / 1e6:.2f} MB, packed {t['packed_bytes'] / 1e6:.2f} MB "
-          f"({t['float_bytes'] / t['packed_bytes']:.1f}x smaller); OPs = FLOPs + BOPs/64 = {t['ops']:,}")
-    if checkpoint:
-        print(f"{checkpoint}: {os.path.getsize(checkpoint) / 1e6:.2f} MB on disk")
-
-
-if __name__ == "__main__":
-    main()

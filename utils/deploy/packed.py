@@ -12,20 +12,15 @@ so a padded tap (m = 0, the float network pads sign(u) with 0) and an input exac
 (the real-valued stem and fc, the `move*` biases, PReLU, the shortcuts) is the float network's
 own modules, in float. On the CPU, in float32, a C++ kernel (utils/deploy) runs the binary convs
 and the blocks' float parts with the same values, several times faster; elsewhere, or without a
-C++ compiler, the pure PyTorch forward does.
-
-    python -m utils.export --checkpoint step2/output/model_best.pth.tar --out reactnet_a_1bit.pt
-    python -m utils.export --checkpoint CKPT --out FILE --verify DIR [--input-size 32]
-    python -m utils.export --benchmark [--checkpoint CKPT] [--input-size 224] [--batch-sizes 1 64]
-                           [--threads 1 N] [--rounds 5] [--kernel PATH] [--no-layers]
+C++ compiler, the pure PyTorch forward does. Its command, `python -m utils.export`, is
+utils/export.py.
 
 A packed file is a dict read with `torch.load(weights_only=True)` (nothing in it runs when it is
-read): {'format': PACKED_FORMAT, 'version': VERSION, 'arch': 'reactnet_a', 'num_classes',
+read): {'format': PACKED_FORMAT (utils.checkpoint's), 'version': VERSION, 'arch': 'reactnet_a', 'num_classes',
 'input_size' (the training crop size, None where the checkpoint does not say), 'classes' (the
 class folder names, where the checkpoint has them), 'state_dict'}. Version 1 files, without
 'input_size' and 'classes', are read too.
 """
-import argparse
 import copy
 import os
 from collections.abc import Mapping
@@ -36,16 +31,14 @@ import torch.nn as nn
 from models import reactnet_a
 from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
-from utils.checkpoint import (PACKED_FORMAT, CheckpointError, atomic_save, checkpoint_step, detect_format,
-                              is_packed, load_weights, num_classes, read_checkpoint, trained_input_size)
-from utils.cli import exit_on_error
-from utils.config import HelpFormatter, Parser
-from utils.data import DataError
+from utils.checkpoint import (PACKED_FORMAT, atomic_save, checkpoint_step, detect_format, is_packed, load_weights,
+                              num_classes, read_checkpoint, trained_input_size)
 from utils.deploy import kernel
 from utils.deploy.block import PackedBlock
+from utils.errors import CheckpointError, DataError
 
 __all__ = [
-    "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
+    "VERSION", "popcount", "bits_to_words", "PackedBinaryConv2d", "to_packed", "build_step2_model", "export",
     "load_packed", "verify",
 ]
 
@@ -70,7 +63,7 @@ def popcount(x: torch.Tensor) -> torch.Tensor:
     return x.mul_(_H01).bitwise_right_shift_(56)  # the bytes' sum lands in the top byte (<= 64)
 
 
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+def bits_to_words(bits: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor [..., n] along its last dim into int64 words [..., ceil(n / 64)]:
     bit i of word j is element 64 j + i; the bits past n are 0. Arithmetic, not a byte view,
     so the words are the same on any byte order."""
@@ -120,7 +113,7 @@ class PackedBinaryConv2d(nn.Module):
         weight = conv.weight.detach()
         packed = cls.like(conv)
         signs = weight.permute(0, 2, 3, 1)  # [out, k, k, in]: the packing order
-        packed.weight_bits.copy_(pack_bits(signs > 0).flatten(1))
+        packed.weight_bits.copy_(bits_to_words(signs > 0).flatten(1))
         words = packed.weight_bits.shape[1] // conv.kernel_size[0] ** 2
         zero = (signs == 0).nonzero()  # (o, dy, dx, c) -> bit (dy * k + dx) * words * 64 + c of row o
         packed.zero_weights = torch.stack(
@@ -147,7 +140,7 @@ class PackedBinaryConv2d(nn.Module):
         u = u.permute(0, 2, 3, 1)  # channels last: a pixel's channels are packed together
         planes = []
         for bits in (u != 0, u > 0):  # m, p: [n, h, w, words]
-            words = pack_bits(bits)
+            words = bits_to_words(bits)
             if pad:  # padded taps have m = 0: they contribute 0, as the float network's zero padding
                 words = nn.functional.pad(words, (0, 0, pad, pad, pad, pad))
             # im2col on the packed words: [n * h_out * w_out, k*k*words], taps in weight_bits' order
@@ -193,7 +186,7 @@ def _swap(model: nn.Module, make) -> nn.Module:
     return model
 
 
-def pack_model(model: nn.Module) -> nn.Module:
+def to_packed(model: nn.Module) -> nn.Module:
     """Turn a step-2 ReActNet-A (binary weights), in place, into its packed form, in eval mode."""
     if not model.binary_weights:
         raise ValueError("a step-1 network has real-valued block weights: nothing to binarize")
@@ -209,13 +202,13 @@ def _skeleton(num_classes: int, device) -> nn.Module:
     return model.to_empty(device=device or "cpu").eval()
 
 
-def load_step2(checkpoint) -> nn.Module:
+def build_step2_model(checkpoint) -> nn.Module:
     """The float step-2 ReActNet-A of a checkpoint in any layout `load_weights` reads, in eval
     mode; a step-1 checkpoint or a packed file is refused (CheckpointError naming the file)."""
-    return _read_step2(checkpoint)[0]
+    return _step2_model_and_training(checkpoint)[0]
 
 
-def _read_step2(checkpoint) -> tuple:
+def _step2_model_and_training(checkpoint) -> tuple:
     """(the float step-2 model, what the checkpoint says of its training: input size and classes)."""
     obj = read_checkpoint(checkpoint)
     if is_packed(obj):
@@ -247,8 +240,8 @@ def export(checkpoint, out) -> dict:
     """Write the packed form of a step-2 checkpoint (any layout `load_weights` reads) to `out`,
     atomically; returns the packed object. CheckpointError naming the file when it cannot."""
     check_out(checkpoint, out)
-    model, trained = _read_step2(checkpoint)
-    model = pack_model(model)
+    model, trained = _step2_model_and_training(checkpoint)
+    model = to_packed(model)
     packed = {"format": PACKED_FORMAT, "version": VERSION, "arch": "reactnet_a",
               "num_classes": model.fc.out_features, **trained, "state_dict": model.state_dict()}
     atomic_save(packed, out)
@@ -305,10 +298,6 @@ def _describe(v) -> str:
     return f"{v.dtype} {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
 
 
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1e6:.2f} MB"
-
-
 def _relative_error(actual, expected) -> torch.Tensor:
     """Per image, the largest logit difference relative to the largest |logit| of `expected`."""
     return (actual - expected).abs().amax(1) / expected.abs().amax(1)
@@ -320,7 +309,7 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
     packed vs float64, float32 vs float64), images whose top-1 class differs between packed and
     float32, and both accuracies."""
     from utils.data import to_device, val_loader
-    model = load_step2(checkpoint)
+    model = build_step2_model(checkpoint)
     reference = copy.deepcopy(model).double()
     packed = load_packed(packed_file)
     worst = {"packed_vs_float32": 0.0, "packed_vs_float64": 0.0, "float32_vs_float64": 0.0}
@@ -342,63 +331,3 @@ def verify(checkpoint, packed_file, data, input_size: int, batch_size: int = 64)
             count += len(target)
     return {"images": count, **worst, "top1_differ": differ,
             "float_top1": 100 * correct[0] / count, "packed_top1": 100 * correct[1] / count}
-
-
-def main(argv=None):
-    p = Parser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, check it, or time it.",
-               formatter_class=HelpFormatter)
-    p.add_argument("--checkpoint", help="step-2 checkpoint (any layout load_weights reads)")
-    p.add_argument("--out", help="packed file to write")
-    p.add_argument("--verify", metavar="DIR", help="after exporting, compare float and packed logits on DIR/val")
-    p.add_argument("--input-size", type=int, default=None,
-                   help="image side (--verify: default the training size the checkpoint records, else 224; "
-                        "--benchmark: default 224)")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time the float and packed models (weights of --checkpoint, else random)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="--benchmark batch sizes")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="--benchmark: timed rounds, float and packed alternating (median)")
-    p.add_argument("--device", default="cpu", help="--benchmark device")
-    p.add_argument("--threads", type=int, nargs="+", default=None,
-                   help="torch CPU threads (default: torch's); --benchmark times each (default: 1 and torch's)")
-    p.add_argument("--kernel", choices=[*kernel.PATHS, kernel.PURE],
-                   help="--benchmark: the packed network's CPU path (default: the best this CPU runs)")
-    p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
-                   help="--benchmark: also time the largest binary convs alone (default: at 224x224)")
-    args = p.parse_args(argv)
-    if args.threads and not args.benchmark:
-        if len(args.threads) > 1:
-            p.error("one --threads value, except with --benchmark")
-        torch.set_num_threads(args.threads[0])
-    with exit_on_error():
-        if args.benchmark:
-            args.input_size = args.input_size or 224
-            try:
-                kernel.select(args.kernel)
-            except ValueError as e:
-                p.error(str(e))
-            from utils.deploy import latency  # it imports this module: here, not at the top
-            return latency.run(args)
-        if not (args.checkpoint and args.out):
-            p.error("exporting needs --checkpoint and --out (or pass --benchmark)")
-        packed = export(args.checkpoint, args.out)
-        float_size, packed_size = os.path.getsize(args.checkpoint), os.path.getsize(args.out)
-        state = packed["state_dict"]
-        bits = {k: v for k, v in state.items() if k.endswith(".weight_bits")}
-        bits_bytes = sum(v.numel() * v.element_size() for v in bits.values())
-        total_bytes = sum(v.numel() * v.element_size() for v in state.values())
-        print(f"float checkpoint {args.checkpoint}: {_mb(float_size)}")
-        print(f"packed file      {args.out}: {_mb(packed_size)} ({float_size / packed_size:.1f}x smaller)")
-        print(f"binary weights: {len(bits)} convs, {_mb(bits_bytes)} packed, "
-              f"{100 * bits_bytes / total_bytes:.1f}% of the packed tensors ({_mb(total_bytes)})")
-        if args.verify:
-            size = args.input_size or packed["input_size"] or 224
-            r = verify(args.checkpoint, args.out, args.verify, size)
-            print(f"{args.verify}/val, {r['images']} images at {size}x{size}: max relative logit error, "
-                  f"packed vs float32 model {r['packed_vs_float32']:.2e} (vs the float64 model: packed "
-                  f"{r['packed_vs_float64']:.2e}, float32 model {r['float32_vs_float64']:.2e}); top-1 differs "
-                  f"on {r['top1_differ']} image(s); Acc@1 float {r['float_top1']:.3f}, packed {r['packed_top1']:.3f}")
-
-
-if __name__ == "__main__":
-    main()
