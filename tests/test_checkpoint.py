@@ -1,12 +1,9 @@
-"""Checkpoint layouts load strictly and give the source model's logits; bad files fail clearly and safely."""
-import argparse
+"""Checkpoint layouts load strictly and give the source model's logits; bad files fail clearly and
+safely; files are written atomically. (A run's folder: tests/test_run_folder.py.)"""
 import json
 import os
-import re
 import shutil
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -14,10 +11,9 @@ import torch
 
 from models import reactnet_a
 from models.binary import BinaryConv2d
+from tests.tiny import logits
 from utils.checkpoint import atomic_save, checkpoint_step, load_weights, read_checkpoint
-from utils.errors import CheckpointError, FolderInUse
-from utils.run_folder import CheckpointSaver, save_checkpoint
-from utils.distributed import DistInfo
+from utils.errors import CheckpointError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reactnet_a_seed0.json")
 
@@ -33,11 +29,6 @@ def source():
                 t.copy_(torch.rand_like(t) + 0.5 if name.endswith("running_var") else torch.randn_like(t) * 0.5)
     x = torch.randn(2, 3, 32, 32)
     return model.eval(), x, logits(model, x)
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 def with_module_prefix(state_dict):
@@ -224,53 +215,6 @@ def test_atomic_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
     assert path.read_bytes() == old and os.listdir(tmp_path) == ["checkpoint.pth.tar"]
 
 
-def test_save_checkpoint(tmp_path):
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1 - e / 10)
-    state = {"epoch": 1, "step": 2, "arch": "reactnet_a", "state_dict": model.state_dict(), "best_top1_acc": 1.5,
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "args": {"lr": 1e-3, "data": "/data", "resume": None}, "rng": {"torch": torch.get_rng_state()},
-             "git_commit": "abc"}
-    save_checkpoint(state, tmp_path / "out", is_best=False)
-    assert os.listdir(tmp_path / "out") == ["checkpoint.pth.tar"]
-    save_checkpoint(state, tmp_path / "out", is_best=True)
-    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint.pth.tar", "model_best.pth.tar"]
-    for name in ("checkpoint.pth.tar", "model_best.pth.tar"):
-        loaded = read_checkpoint(tmp_path / "out" / name)
-        assert checkpoint_step(loaded) == 2
-        assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
-    # model_best.pth.tar is the file written for checkpoint.pth.tar (a hard link: not written twice);
-    # a later, not-best save must leave it alone.
-    assert os.path.samefile(tmp_path / "out" / "checkpoint.pth.tar", tmp_path / "out" / "model_best.pth.tar")
-    save_checkpoint({**state, "epoch": 2}, tmp_path / "out", is_best=False)
-    assert read_checkpoint(tmp_path / "out" / "checkpoint.pth.tar")["epoch"] == 2
-    assert read_checkpoint(tmp_path / "out" / "model_best.pth.tar")["epoch"] == 1
-
-
-def test_save_checkpoint_copies_model_best_where_hard_links_fail(tmp_path, monkeypatch):
-    def no_links(src, dst):
-        raise OSError("Operation not permitted (simulated: a filesystem without hard links)")
-    monkeypatch.setattr(os, "link", no_links)
-    save_checkpoint({"step": 1, "epoch": 1}, tmp_path, is_best=True)
-    save_checkpoint({"step": 1, "epoch": 2}, tmp_path, is_best=False)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
-    assert read_checkpoint(tmp_path / "model_best.pth.tar")["epoch"] == 1
-    assert read_checkpoint(tmp_path / "checkpoint.pth.tar")["epoch"] == 2
-
-
-@pytest.mark.parametrize("bad,where", [
-    ({"args": argparse.Namespace(lr=1)}, "state['args'] is a argparse.Namespace"),
-    ({"best_top1_acc": np.float64(70.5)}, "state['best_top1_acc'] is a numpy.float64"),
-])
-def test_save_checkpoint_refuses_what_weights_only_cannot_read(tmp_path, bad, where):
-    with pytest.raises(TypeError, match=where.replace("[", r"\[").replace("]", r"\]")):
-        save_checkpoint({"step": 1, **bad}, tmp_path, is_best=False)
-    assert os.listdir(tmp_path) == []
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MB tmpfs: a disk that really fills (needs root; skipped where it cannot be mounted)."""
@@ -292,33 +236,3 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_bytes_and_keeps_the_o
     assert str(e.value).startswith(f"no space left in {small_disk} to write checkpoint.pth.tar (about 2.0 MB "
                                    "needed, 1.0 MB free): free space there")
     assert path.read_bytes() == old and os.listdir(small_disk) == ["checkpoint.pth.tar"]
-
-
-def test_one_run_per_folder_until_its_process_dies(tmp_path):
-    folder = tmp_path / "save"
-    stale = folder / "checkpoint.pth.tar.7.tmp"
-    ready, tell = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # a running run: holds the folder until it is killed
-        try:
-            CheckpointSaver(str(folder), DistInfo(), print)
-            os.write(tell, b"x")
-            time.sleep(600)
-        finally:
-            os._exit(0)
-    os.close(tell)  # the child's end: a child that fails ends the read below
-    try:
-        assert os.read(ready, 1) == b"x"
-        stale.write_bytes(b"a save under way")
-        with pytest.raises(FolderInUse, match=re.escape(f"--save {folder} is in use by another run (pid {pid} on ")):
-            CheckpointSaver(str(folder), DistInfo(), print)
-        assert stale.exists()  # the running run's: left alone
-    finally:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(ready)
-    said = []
-    saver = CheckpointSaver(str(folder), DistInfo(), said.append)  # the kernel released the lock
-    assert said == ["=> removed checkpoint.pth.tar.7.tmp, left by a save that was killed"]
-    saver.close()
-    assert os.listdir(folder) == []

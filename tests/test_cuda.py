@@ -38,10 +38,9 @@ from PIL import Image
 from models import reactnet_a
 from tests.test_checkpoint import LAYOUTS
 from tests.test_export import RTOL as PACKED_RTOL
-from tests.test_export import logits, max_rel_error, randomize
-from tests.test_faults import wait_for_line
 from tests.test_model import FIXTURE, fixture_outputs
-from tests.tiny import ROOT, env, make_teacher, run, step, step_command
+from tests.tiny import (ROOT, env, logits, make_teacher, max_rel_error, randomize, records, run, step, step_command,
+                        wait_for_line)
 from utils import data, export, recipe, torch_data
 from utils.bench.__main__ import main as bench
 from utils.checkpoint import read_checkpoint
@@ -158,10 +157,6 @@ def test_nvjpeg_batches_against_pil(jpegs, capsys):
         report(capsys, f"nvjpeg (CUDA) vs PIL, {split}: {counts['decoded']} images at {INPUT}x{INPUT}, "
                        f"pixel difference max {worst:.2f}, mean {mean:.4f} (bounds {MAX_BOUND}, {MEAN_BOUND})")
         assert mean <= MEAN_BOUND and worst <= MAX_BOUND, split
-
-
-def records(save) -> list:
-    return [json.loads(line) for line in open(os.path.join(save, "log.jsonl"))]
 
 
 def assert_trained(save, epochs: int):

@@ -5,18 +5,17 @@ import json
 import signal
 import subprocess
 
-from tests.test_faults import wait_for_line
-from tests.tiny import ROOT, env, make_image_folder, make_teacher, run, step_command
+from tests.tiny import ROOT, env, run, step_command, wait_for_line
 from utils.checkpoint import read_checkpoint
 from utils.preempt import EXIT_PREEMPTED
 
 LEFT_OUT = "it is left out, 1 image(s) an epoch"
 
 
-def test_one_image_last_batch_is_left_out_and_its_epoch_resumes(tmp_path):
+def test_one_image_last_batch_is_left_out_and_its_epoch_resumes(tiny_run, tmp_path):
     # 10 training images in batches of 3: 3, 3, 3 and a last one of 1, left out.
-    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=5, val_per_class=1)
-    teacher = make_teacher(tmp_path / "teacher.pth", num_classes=2)
+    tiny = tiny_run(classes=2, train_per_class=5, val_per_class=1)
+    data, teacher = tiny.data, tiny.teacher
     save = tmp_path / "save"
     cmd = step_command(1, data, save, "--teacher-weights", teacher, "--batch_size", "3")
     # One thread: batches of 3 gain nothing from more, and OpenMP's waits slow down on a busy machine.

@@ -12,17 +12,16 @@ import pytest
 import torch
 
 import evaluate
-from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, run, step
+from tests.tiny import ROOT, env, free_port, make_image_folder, records, run, step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
+def ddp_run(tiny_run):
     # 9 validation images: shards of 5 and 4.
-    data = make_image_folder(root / "data", classes=3, train_per_class=4, val_per_class=3)
-    teacher = make_teacher(root / "teacher.pth")
+    tiny = tiny_run(classes=3, train_per_class=4, val_per_class=3)
+    root, data, teacher = tiny.root, tiny.data, tiny.teacher
     dumps = root / "dumps"
     dumps.mkdir()
     p = run([*TORCHRUN, "-m", "tests.tiny", dumps, "--step", "1", "--data", data, "--save", root / "save",
@@ -57,7 +56,7 @@ def test_only_rank0_prints_and_writes(ddp_run):
 
 def test_validation_counts_each_image_once(ddp_run, tmp_path, capsys):
     root, data, _ = ddp_run
-    last = [json.loads(x) for x in open(root / "save" / "log.jsonl")][-1]
+    last = records(root / "save")[-1]
     assert last["val_images"] == 9
     ckpt = str(root / "save" / "checkpoint.pth.tar")
     # The same checkpoint evaluated by one process, and by two through torchrun.
@@ -80,7 +79,7 @@ def test_one_image_last_batch_is_left_out_on_every_process(ddp_run, tmp_path):
     p = step(1, data, tmp_path / "save", "--teacher-weights", root / "teacher.pth", NPROC_PER_NODE="2")
     assert p.stdout.count("left out, 2 image(s) an epoch") == 1
     assert "Epoch: [0][1/2]" in p.stdout and "Epoch: [0][2/" not in p.stdout
-    (record,) = [json.loads(line) for line in open(tmp_path / "save" / "log.jsonl")]
+    (record,) = records(tmp_path / "save")
     assert round(record["images_per_s"] * record["epoch_time"]) == 8  # both processes' images
 
 

@@ -7,19 +7,15 @@ import pytest
 import torch
 
 import evaluate
-from models import reactnet_a
-from tests.tiny import make_image_folder, make_teacher, step
+from tests.tiny import make_checkpoint, make_teacher, step
 from utils import train
-from utils.errors import UserError
 from utils.distill import build_teacher
+from utils.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    data = make_image_folder(root / "data", train_per_class=1, val_per_class=1)
-    teacher = make_teacher(root / "teacher.pth")
-    return root, data, teacher
+def tiny(tiny_run):
+    return tiny_run(train_per_class=1, val_per_class=1)
 
 
 def error_of(main, argv, capsys) -> str:
@@ -38,7 +34,7 @@ def train_args(data, save, teacher, *extra):
 
 
 def test_data_folder_problems(tiny, tmp_path, capsys):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     save = tmp_path / "save"
     assert "does not exist" in error_of(train.main, train_args(tmp_path / "nowhere", save, teacher), capsys)
     no_val = tmp_path / "no_val"
@@ -58,14 +54,12 @@ def test_data_folder_problems(tiny, tmp_path, capsys):
 
 
 def save_repo_checkpoint(path, step, num_classes=3):
-    model = reactnet_a(binary_weights=step == 2, num_classes=num_classes)
-    torch.save({"epoch": 1, "step": step, "arch": "reactnet_a", "state_dict": model.state_dict(),
-                "best_top1_acc": 0.0, "args": {"optimizer": "adam"}}, path)
-    return str(path)
+    return make_checkpoint(path, step, num_classes, epoch=1, arch="reactnet_a", best_top1_acc=0.0,
+                           args={"optimizer": "adam"})
 
 
 def test_checkpoint_problems(tiny, tmp_path, capsys):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     args = train_args(data, tmp_path / "s2", teacher)
     args[1] = "2"
     missing = tmp_path / "nope" / "model_best.pth.tar"
@@ -100,7 +94,7 @@ def test_checkpoint_problems(tiny, tmp_path, capsys):
 
 
 def test_teacher_problems(tiny, tmp_path, capsys):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     save = tmp_path / "save"
     five = make_teacher(tmp_path / "teacher5.pth", num_classes=5)
     err = error_of(train.main, train_args(data, save, five), capsys)
@@ -131,7 +125,7 @@ def test_offline_teacher_says_where_to_put_the_weights(tmp_path, monkeypatch):
 
 def test_uneven_batch_split_through_run_sh(tiny, tmp_path):
     """Two processes through torchrun: one clean message, no launcher traceback."""
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     p = step(1, data, tmp_path / "save", "--batch_size", "5", "--teacher-weights", teacher,
              check=False, NPROC_PER_NODE="2")
     assert p.returncode == 1
@@ -141,7 +135,7 @@ def test_uneven_batch_split_through_run_sh(tiny, tmp_path):
 
 
 def test_evaluate_flag_errors(tiny, tmp_path, capsys):
-    root, data, teacher = tiny
+    root, data, teacher = tiny.root, tiny.data, tiny.teacher
     for flags, message in [(["-j", "-1"], "-j/--workers must be at least 0, got -1"),
                            (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
                            (["--batch-size", "0"], "--batch_size must be at least 1, got 0"),

@@ -16,7 +16,7 @@ from models import reactnet_a
 from models.binary import BinaryConv2d
 from tests.test_checkpoint import LAYOUTS
 from tests.test_model import FIXTURE, fixture_state_dict
-from tests.tiny import make_image_folder
+from tests.tiny import logits, make_checkpoint, make_image_folder, max_rel_error, randomize
 from utils import engine, export
 from utils.checkpoint import PACKED_FORMAT, load_weights
 from utils.data import val_loader
@@ -27,28 +27,6 @@ from utils.ops import count_ops
 # Largest logit difference relative to the largest |logit|, float32: the float network's own
 # float32 rounding (its conv sums ~1e-7) and the folded BatchNorm's one rounding to float32.
 RTOL = 1e-5
-
-
-def max_rel_error(actual, expected) -> float:
-    return ((actual - expected).abs().amax(1) / expected.abs().amax(1)).max().item()
-
-
-def randomize(model, seed=0):
-    """Non-trivial BN statistics and affine, move biases and PReLU slopes, in place."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif t.is_floating_point() and not isinstance(model.get_submodule(name.rpartition(".")[0]),
-                                                          BinaryConv2d):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
-    return model.eval()
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model.eval()(x)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +147,7 @@ def test_export_reads_the_reactnet_release_layout(tmp_path, step2):
 
 
 def test_step1_checkpoint_is_refused(tmp_path, capsys):
-    ckpt = tmp_path / "step1.pth.tar"
-    torch.save({"step": 1, "state_dict": reactnet_a(binary_weights=False, num_classes=10).state_dict()}, ckpt)
+    ckpt = make_checkpoint(tmp_path / "step1.pth.tar", step=1, num_classes=10)
     with pytest.raises(SystemExit) as e:
         export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "out.pt")])
     assert e.value.code == 1
@@ -270,15 +247,12 @@ def test_export_refuses_an_out_that_would_overwrite_the_checkpoint_or_cannot_be_
     assert os.listdir(tmp_path / "folder") == []
 
 
-def test_packed_file_records_the_input_size_and_evaluates_as_its_checkpoint(tmp_path, capsys):
-    from tests.tiny import make_teacher
+def test_packed_file_records_the_input_size_and_evaluates_as_its_checkpoint(tmp_path, tiny_run, capsys):
     from utils import train
-    data = make_image_folder(tmp_path / "data", classes=2, train_per_class=2, val_per_class=1)
-    teacher = make_teacher(tmp_path / "teacher.pth", num_classes=2)
-    step1 = tmp_path / "step1.pth.tar"
-    torch.save({"step": 1, "state_dict": reactnet_a(binary_weights=False, num_classes=2).state_dict()}, step1)
-    train.main(["--step", "2", "--data", data, "--save", str(tmp_path / "step2"), "--init-checkpoint", str(step1),
-                "--teacher-weights", teacher, "--epochs", "2", "--stop-after-epochs", "1", "--batch_size", "4",
+    tiny = tiny_run(classes=2, train_per_class=2, val_per_class=1, step1=True)
+    data = tiny.data
+    train.main(["--step", "2", "--data", data, "--save", str(tmp_path / "step2"), "--init-checkpoint", tiny.step1,
+                "--teacher-weights", tiny.teacher, "--epochs", "2", "--stop-after-epochs", "1", "--batch_size", "4",
                 "-j", "0", "--input-size", "32"])
     best, packed = tmp_path / "step2" / "model_best.pth.tar", tmp_path / "packed.pt"
     export.main(["--checkpoint", str(best), "--out", str(packed)])

@@ -3,7 +3,6 @@ images, stop signals (mid-epoch save and exact continuation), errors on any rank
 before anything is loaded. Tiny CPU runs through the real entry points."""
 import contextlib
 import errno
-import json
 import multiprocessing
 import os
 import shutil
@@ -17,35 +16,27 @@ import torch
 
 import evaluate
 from tests.test_resume import assert_same_run, process_tree
-from models import reactnet_a
-from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, run, step, train_here
-from utils import cli, config, recipe, run_folder, train
+from tests.tiny import (ROOT, env, free_port, make_image_folder, records, run, step, train_here,
+                        wait_for_line)
+from utils import cli, config, preempt, recipe, run_folder, train
 from utils.checkpoint import read_checkpoint
 from utils.data import image_folder
+from utils.distributed import DistInfo
 from utils.errors import RunFolderError
 from utils.loaders import build_loader
-from utils.distributed import DistInfo
-from utils import preempt
 from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS
 
 LR = recipe.LEARNING_RATE["adam"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """2 classes; 24 train images (6 iterations of 4), 4 val images."""
-    root = tmp_path_factory.mktemp("faults")
-    data = make_image_folder(root / "data", classes=2, train_per_class=12, val_per_class=2)
-    teacher = make_teacher(root / "teacher.pth", num_classes=2)
-    return root, data, teacher
-
-
-def records(save):
-    return [json.loads(x) for x in open(os.path.join(save, "log.jsonl"))]
+def tiny(tiny_run):
+    """2 classes; 24 train images (6 iterations of 4), 4 val images; a step-1 checkpoint."""
+    return tiny_run(classes=2, train_per_class=12, val_per_class=2, step1=True)
 
 
 def test_extending_a_finished_run_follows_the_new_schedule(tiny):
-    root, data, teacher = tiny
+    root, data, teacher = tiny.root, tiny.data, tiny.teacher
     save = root / "extend"
     train_here(1, data, save, "--epochs", "2", "--teacher-weights", teacher)
     p = train_here(1, data, save, "--epochs", "4", "--learning_rate", str(2 * LR), "--teacher-weights", teacher)
@@ -60,14 +51,14 @@ def test_extending_a_finished_run_follows_the_new_schedule(tiny):
 
 
 def test_relaunch_refuses_a_changed_optimizer(tiny):
-    root, data, teacher = tiny
+    root, data, teacher = tiny.root, tiny.data, tiny.teacher
     save = root / "extend"  # finished above with adam
     p = train_here(1, data, save, "--epochs", "6", "--optimizer", "sgd", "--teacher-weights", teacher, check=False)
     assert p.returncode == 1 and "was trained with --optimizer adam, not sgd" in p.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny, tmp_path, capsys):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     save = tmp_path / "nan"
     train_here(1, data, save, "--epochs", "3", "--stop-after-epochs", "1", "--teacher-weights", teacher)
     before = {f: open(save / f, "rb").read() for f in ("checkpoint.pth.tar", "model_best.pth.tar")}
@@ -93,7 +84,7 @@ def truncate(path):
 
 
 def test_unreadable_training_image_is_named_or_skipped(tiny, tmp_path):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     bad_data = tmp_path / "data"
     shutil.copytree(data, bad_data)
     bad = bad_data / "train" / "class1" / "3.png"
@@ -107,7 +98,7 @@ def test_unreadable_training_image_is_named_or_skipped(tiny, tmp_path):
 
 
 def test_unreadable_validation_image_keeps_the_trained_epoch(tiny, tmp_path, capsys):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     bad_data = tmp_path / "data"
     shutil.copytree(data, bad_data)
     bad = bad_data / "val" / "class0" / "1.png"
@@ -126,22 +117,9 @@ def launch(data, save, teacher, *flags, **extra_env):
                             cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_line(proc, text, timeout=300):
-    """Read proc's stdout until a line contains `text`; returns what was read."""
-    seen, deadline = [], time.time() + timeout
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        seen.append(line)
-        if text in line:
-            return "".join(seen)
-    raise AssertionError(f"no line with {text!r}:\n{''.join(seen)[-2000:]}")
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny):
-    root, data, teacher = tiny
+    root, data, teacher = tiny.root, tiny.data, tiny.teacher
     proc = launch(data, root / "full", teacher)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
@@ -150,7 +128,7 @@ def uninterrupted(tiny):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, EXIT_PREEMPTED), (signal.SIGINT, EXIT_INTERRUPTED)])
 def test_stop_signal_saves_mid_epoch_and_relaunch_equals_uninterrupted(tiny, uninterrupted, tmp_path, sig, code):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     save = tmp_path / "stopped"
     proc = launch(data, save, teacher)
     wait_for_line(proc, "Epoch: [0][1/6]")
@@ -171,7 +149,7 @@ def test_stop_signal_saves_mid_epoch_and_relaunch_equals_uninterrupted(tiny, uni
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the worker")
 def test_killing_the_launcher_stops_the_worker_cleanly(tiny, tmp_path):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     save = tmp_path / "orphan"
     proc = launch(data, save, teacher)
     wait_for_line(proc, "Epoch: [0][1/6]")
@@ -198,7 +176,7 @@ def signal_every_process(proc, sig=signal.SIGTERM) -> list:
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
 @pytest.mark.parametrize("nproc, workers, backend", [(2, 2, "pil"), (1, 0, "torch")])
 def test_sigterm_to_every_process_saves_mid_epoch_and_relaunch_finishes(tiny, tmp_path, nproc, workers, backend):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     save, tmp = tmp_path / "save", tmp_path / "tmp"
     tmp.mkdir()
     flags = ("--epochs", 1, "-j", workers, "--data-backend", backend)
@@ -221,7 +199,7 @@ def test_sigterm_to_every_process_saves_mid_epoch_and_relaunch_finishes(tiny, tm
 
 @pytest.mark.parametrize("backend", ["pil", "torch"])
 def test_loader_workers_ignore_stop_signals(tiny, backend):
-    root, data, teacher = tiny
+    data = tiny.data
     for split, batch_size in (("train", 4), ("val", 1)):
         loader = build_loader(split, backend, data, batch_size, DistInfo(), workers=2, input_size=32)[0]
         batches = iter(loader)
@@ -236,7 +214,7 @@ def test_loader_workers_ignore_stop_signals(tiny, backend):
 @pytest.fixture(scope="module")
 def small(tiny):
     """The `tiny` classes with one iteration of 4 training images and 2 validation images."""
-    root, data, teacher = tiny
+    root = tiny.root
     return make_image_folder(root / "small", classes=2, train_per_class=2, val_per_class=1)
 
 
@@ -296,7 +274,7 @@ def wait_for_file(proc, path, timeout=300):
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
 def test_sigterm_during_start_up_exits_75_with_nothing_saved(tiny, small, tmp_path, gated_launch):
-    root, data, teacher = tiny
+    teacher = tiny.teacher
     save = tmp_path / "save"
     proc, gate = gated_launch(small, save, teacher, "utils.distill.build_teacher", nproc=2)
     for rank in (0, 1):
@@ -311,7 +289,7 @@ def test_sigterm_during_start_up_exits_75_with_nothing_saved(tiny, small, tmp_pa
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
 def test_a_second_launch_into_a_running_save_is_refused_even_during_its_save(tiny, small, tmp_path, gated_launch):
-    root, data, teacher = tiny
+    teacher = tiny.teacher
     save = tmp_path / "save"
     first, gate = gated_launch(small, save, teacher, "torch.save")
     wait_for_file(first, f"{gate}.0")  # the first run is writing its checkpoint
@@ -350,11 +328,8 @@ def exit_error(argv, capsys) -> str:
 @pytest.fixture(scope="module")
 def step2_run(tiny, small):
     """A finished one-epoch step-2 run on the small data, and the step-1 checkpoint it started from."""
-    root, data, teacher = tiny
-    init = root / "step1.pth.tar"
-    torch.save({"step": 1, "state_dict": reactnet_a(binary_weights=False, num_classes=2).state_dict()}, init)
-    save = root / "step2"
-    train.main(tiny_args(small, save, teacher, "--epochs", "1", "--init-checkpoint", init, step=2))
+    init, save = tiny.step1, tiny.root / "step2"
+    train.main(tiny_args(small, save, tiny.teacher, "--epochs", "1", "--init-checkpoint", init, step=2))
     return save, init
 
 
@@ -365,7 +340,7 @@ def copy_run(save, to, *leave_out):
 
 
 def test_a_save_with_a_run_but_no_checkpoint_is_refused_untouched(tiny, small, step2_run, tmp_path, capsys):
-    root, data, teacher = tiny
+    teacher = tiny.teacher
     save = copy_run(step2_run[0], tmp_path / "save", "checkpoint.pth.tar")
     before = {f: (save / f).read_bytes() for f in ("model_best.pth.tar", "log.jsonl", "args.json")}
     err = exit_error(tiny_args(small, save, teacher, "--epochs", "1", "--init-checkpoint", step2_run[1], step=2),
@@ -376,7 +351,7 @@ def test_a_save_with_a_run_but_no_checkpoint_is_refused_untouched(tiny, small, s
 
 
 def test_step2_relaunch_says_a_new_init_checkpoint_is_not_read(tiny, small, step2_run, tmp_path, capsys):
-    root, data, teacher = tiny
+    teacher = tiny.teacher
     save, init = step2_run
     other = tmp_path / "other.pth.tar"
     shutil.copy(init, other)
@@ -388,7 +363,7 @@ def test_step2_relaunch_says_a_new_init_checkpoint_is_not_read(tiny, small, step
 
 
 def test_relaunch_lists_a_changed_training_set(tiny, small, step2_run, tmp_path, capsys):
-    root, data, teacher = tiny
+    teacher = tiny.teacher
     save, init = step2_run
     more = tmp_path / "data"
     shutil.copytree(small, more)
@@ -400,19 +375,17 @@ def test_relaunch_lists_a_changed_training_set(tiny, small, step2_run, tmp_path,
     assert f"changed, applied from now on: --data {small} -> {more}, training images 4 -> 6" in resumed
 
 
-def test_resume_with_another_class_count_names_the_file(tiny, step2_run, tmp_path, capsys):
-    root, data, teacher = tiny
+def test_resume_with_another_class_count_names_the_file(tiny_run, step2_run, capsys):
     save, init = step2_run
-    three = tmp_path / "data"
-    make_image_folder(three, classes=3, train_per_class=1, val_per_class=1)
-    teacher3 = make_teacher(tmp_path / "teacher3.pth", num_classes=3)
-    err = exit_error(tiny_args(three, save, teacher3, "--epochs", "1", "--init-checkpoint", init, step=2), capsys)
+    three = tiny_run(classes=3, train_per_class=1, val_per_class=1)
+    err = exit_error(tiny_args(three.data, save, three.teacher, "--epochs", "1", "--init-checkpoint", init, step=2),
+                     capsys)
     assert f"{save / 'checkpoint.pth.tar'} has 2 classes but the data has 3: resume with the data" in err
 
 
 def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_stops_a_relaunch_before_training(
         tiny, small, step2_run, tmp_path, monkeypatch, capsys):
-    root, data, teacher = tiny
+    teacher = tiny.teacher
     save = copy_run(step2_run[0], tmp_path / "save")
     flags = tiny_args(small, save, teacher, "--epochs", "2", "--init-checkpoint", step2_run[1], step=2)
     before = (save / "checkpoint.pth.tar").read_bytes()
@@ -444,7 +417,7 @@ def test_a_full_disk_is_one_line_keeps_the_last_checkpoint_and_stops_a_relaunch_
 
 
 def test_hidden_folders_and_files_are_neither_classes_nor_images(tiny, tmp_path):
-    root, data, teacher = tiny
+    data = tiny.data
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
     for split in ("train", "val"):
@@ -472,15 +445,42 @@ def test_flag_errors_come_first_in_one_line(tmp_path, capsys, flags, message):
     assert message in exit_error(["--step", "1", "--data", str(nowhere), "--save", str(tmp_path / "s"), *flags], capsys)
 
 
-def test_every_long_flag_takes_both_spellings():
-    for parser in (config.get_parser(1), config.get_parser(2), config.get_parser(), evaluate.get_parser()):
-        for action in parser._actions:
-            name = next((n for n in action.option_strings if n.startswith("--")), "--help")
-            if name != "--help":
-                for spelling in (name.replace("_", "-"), "--" + name[2:].replace("-", "_")):
-                    assert parser._option_string_actions.get(spelling) is action, spelling
+def entry_points() -> dict:
+    """{name: (its parsers, including subcommands', and its main)} of every command-line entry point."""
+    from utils import export, ops
+    from utils.analysis import findings, landscape
+    from utils.bench import __main__ as bench
+    from utils.demo import digits
+    found = {"train": ([config.get_parser(1), config.get_parser(2), config.get_parser()], train.main),
+             "evaluate.py": ([evaluate.get_parser()], evaluate.main)}
+    for name, module in (("utils.export", export), ("utils.ops", ops), ("utils.bench", bench),
+                         ("utils.analysis.findings", findings), ("utils.analysis.landscape", landscape),
+                         ("utils.demo.digits", digits)):
+        parser = module.get_parser()
+        subcommands = [a.choices.values() for a in parser._actions if isinstance(a.choices, dict)]
+        found[name] = ([parser, *(p for ps in subcommands for p in ps)], module.main)
+    return found
+
+
+def test_every_long_flag_of_every_entry_point_takes_both_spellings():
+    for name, (parsers, _) in entry_points().items():
+        for parser in parsers:
+            for action in parser._actions:
+                flag = next((n for n in action.option_strings if n.startswith("--")), "--help")
+                for spelling in (flag.replace("_", "-"), "--" + flag[2:].replace("-", "_")) if flag != "--help" else ():
+                    assert parser._option_string_actions.get(spelling) is action, (name, spelling)
     args = config.parse_args(["--step", "1", "--batch-size", "8", "--print_freq", "3", "--data_backend", "torch"])
     assert (args.batch_size, args.print_freq, args.data_backend) == (8, 3, "torch")
+
+
+def test_a_usage_error_exits_1_from_every_entry_point(capsys):
+    for name, (_, main) in entry_points().items():
+        with pytest.raises(SystemExit) as e:
+            main(["--no-such-flag"])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and err.startswith("usage:") and "error: " in err, (name, err)
+    p = run(["bash", os.path.join(ROOT, "step1", "run.sh"), "--no-such-flag"], check=False)
+    assert p.returncode == 1 and "unrecognized arguments: --no-such-flag" in p.stderr, p.stderr
 
 
 def test_flags_checked_before_anything_is_loaded(tmp_path, capsys):
@@ -499,7 +499,7 @@ def test_flags_checked_before_anything_is_loaded(tmp_path, capsys):
 
 
 def test_lr_zero_and_one_epoch_are_said(tiny, tmp_path):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     p = train_here(1, data, tmp_path / "s", "--teacher-weights", teacher, "--learning_rate", "0",
                    "--stop-after-epochs", "1", "--epochs", "1")
     assert "warning: --learning_rate 0" in p.stdout and "warning: --epochs 1" in p.stdout
@@ -535,7 +535,7 @@ def test_help_through_run_sh_shows_the_steps_defaults():
 
 
 def test_class_folder_mismatch_names_the_folders(tiny, tmp_path):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
     os.rename(odd / "val" / "class1", odd / "val" / "other")
@@ -567,7 +567,7 @@ def one_process_group(monkeypatch):
 
 
 def test_a_stopped_run_destroys_its_process_group(tiny, tmp_path, monkeypatch, one_process_group):
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     enter = preempt.StopRequest.__enter__
 
     def enter_then_receive_sigterm(self):
@@ -586,7 +586,7 @@ def test_an_error_of_each_process_leaves_a_gloo_process_group(tiny, tmp_path, mo
                                                                backend):
     # Left behind, a gloo group may abort the process as it exits (exit code -6, not the error's 1);
     # a NCCL group stays, as its shutdown may wait for processes still in a collective.
-    root, data, teacher = tiny
+    data, teacher = tiny.data, tiny.teacher
     odd = tmp_path / "data"
     shutil.copytree(data, odd)
     os.rename(odd / "val" / "class1", odd / "val" / "other")

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from models import reactnet_a
 from models.binary import BinaryConv2d
 from models.reactnet import BasicBlock
-from tests.test_export import RTOL, logits, max_rel_error, randomize
+from tests.test_export import RTOL
+from tests.tiny import logits, max_rel_error, randomize
 from utils import export
 from utils.deploy import kernel
 from utils.export import PackedBinaryConv2d, to_packed

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models import reactnet_a
-from tests.tiny import ROOT, make_image_folder, make_teacher, run, step
+from tests.tiny import ROOT, records, run, step
 from utils.checkpoint import read_checkpoint
 
 
@@ -18,11 +18,10 @@ def acc1_of(stdout):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
+def pipeline(tiny_run):
     # 6 train images: batches of 4 and 2; 9 val images.
-    make_image_folder(root / "data", classes=3, train_per_class=2, val_per_class=3)
-    teacher = make_teacher(root / "teacher.pth", num_classes=3)
+    tiny = tiny_run(classes=3, train_per_class=2, val_per_class=3)
+    root, teacher = tiny.root, tiny.teacher
     # Step 1 from a user's own folder with relative paths; 2 epochs so that the first trains at lr > 0.
     s1 = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)
     # Step 2 from inside step2/, workers > 0, the analysis on.
@@ -44,7 +43,7 @@ def test_step1_outputs(pipeline):
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     assert {"optimizer", "rng", "args", "git_commit", "best_top1_acc", "init_seed"} <= set(ckpt)
     assert ckpt["classes"] == ["class0", "class1", "class2"] and ckpt["args"]["weight_decay"] == 5e-6
-    lines = [json.loads(x) for x in open(save / "log.jsonl")]
+    lines = records(save)
     assert [r["epoch"] for r in lines] == [0, 1]
     assert [r["lr"] for r in lines] == pytest.approx([1.25e-3 / 2, 0.0])
     assert all(r["val_images"] == 9 for r in lines)
@@ -70,7 +69,7 @@ def test_step2_starts_from_step1(pipeline):
     for k, v in best1["state_dict"].items():
         if k.endswith("weight") and v.ndim == 4:
             assert torch.equal(v, ckpt["state_dict"][k]), k
-    record = json.loads(open(root / "s2" / "log.jsonl").readline())
+    record = records(root / "s2")[0]
     assert record["lr"] == 0.0 and "ff" in record and "saturation" in record
 
 
@@ -83,7 +82,7 @@ def test_evaluate(pipeline, tmp_path):
              "--results-file", results], cwd=tmp_path)
     acc = acc1_of(p.stdout)
     assert len(acc) == 1
-    record = json.loads(open(root / "s2" / "log.jsonl").readline())
+    record = records(root / "s2")[0]
     assert acc[0] == pytest.approx(record["val_top1"], abs=1e-3)
     row = json.loads(results.read_text())
     assert {"model", "step", "top1", "top5", "params", "ops", "images"} <= set(row)
@@ -105,7 +104,7 @@ def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys)
                            "-j", "0", "--batch_size", "9"])
     out = capsys.readouterr().out
     assert "adambnn-release checkpoint, step 2 (default for released checkpoints)" in out
-    record = json.loads(open(root / "s2" / "log.jsonl").readline())
+    record = records(root / "s2")[0]
     assert stats.top1 == pytest.approx(record["val_top1"]) and stats.count == 9
     stats = evaluate.main(["--checkpoint", str(released), "--data", str(root / "data"), "--input-size", "32",
                            "-j", "0", "--precision", "bf16", "--channels-last", "--data-backend", "torch"])

@@ -1,6 +1,5 @@
 """Resume: a run interrupted after an epoch and relaunched with the same command ends with exactly
 the weights, optimizer state and logs of a run never interrupted (same seed, CPU, --deterministic)."""
-import json
 import os
 import signal
 import subprocess
@@ -9,17 +8,16 @@ import time
 import pytest
 import torch
 
-from tests.tiny import ROOT, env, make_image_folder, make_teacher, step
+from tests.tiny import ROOT, env, records, step
 
 EPOCHS = "2"  # epoch 0 trains at lr / 2, epoch 1 at 0 (its Adam moments and BN statistics still move)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    data = make_image_folder(root / "data", classes=2, train_per_class=4, val_per_class=2)
-    teacher = make_teacher(root / "teacher.pth", num_classes=2)
-    flags = ["--epochs", EPOCHS, "--teacher-weights", teacher, "--deterministic"]
+def setup(tiny_run):
+    tiny = tiny_run(classes=2, train_per_class=4, val_per_class=2)
+    root, data = tiny.root, tiny.data
+    flags = ["--epochs", EPOCHS, "--teacher-weights", tiny.teacher, "--deterministic"]
     step(1, data, root / "full", *flags)
     return root, data, flags
 
@@ -37,8 +35,7 @@ def assert_same_run(a, b):
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
     assert ca["optimizer"]["param_groups"] == cb["optimizer"]["param_groups"]
     assert ca["best_top1_acc"] == cb["best_top1_acc"]
-    la = [json.loads(x) for x in open(os.path.join(a, "log.jsonl"))]
-    lb = [json.loads(x) for x in open(os.path.join(b, "log.jsonl"))]
+    la, lb = records(a), records(b)
     keys = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_images")
     assert [[r[k] for k in keys] for r in la] == [[r[k] for k in keys] for r in lb]
 

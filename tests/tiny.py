@@ -1,16 +1,22 @@
-"""Helpers of the pipeline tests: a tiny ImageFolder, a teacher whose weights the test creates,
-and the entry points run as a user runs them."""
+"""The tests' helpers, each written once: a tiny ImageFolder, a teacher and checkpoints whose
+weights the test creates (tests/conftest.py's `tiny_run` puts them together), the entry points
+run as a user runs them, and what the tests read back (log records, logits)."""
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
+
+from models import reactnet_a
+from models.binary import BinaryConv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,6 +41,43 @@ def make_teacher(path, num_classes=3, seed=0):
     return str(path)
 
 
+def make_checkpoint(path, step, num_classes=3, **entries):
+    """A checkpoint of this repository's layout for `step` (random weights) with `entries` besides."""
+    model = reactnet_a(binary_weights=step == 2, num_classes=num_classes)
+    torch.save({"step": step, "state_dict": model.state_dict(), **entries}, path)
+    return str(path)
+
+
+def randomize(model, seed=0):
+    """Non-trivial BN statistics and affine, move biases and PReLU slopes, in place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+            elif t.is_floating_point() and not isinstance(model.get_submodule(name.rpartition(".")[0]),
+                                                          BinaryConv2d):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.5)
+    return model.eval()
+
+
+def logits(model, x):
+    """The eval-mode model's output, without autograd."""
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def max_rel_error(actual, expected) -> float:
+    """Largest logit difference of an image relative to its largest |logit|, over the batch."""
+    return ((actual - expected).abs().amax(1) / expected.abs().amax(1)).max().item()
+
+
+def records(save) -> list:
+    """The epoch records of a run's log.jsonl."""
+    with open(os.path.join(save, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def env(**extra):
     """The test's environment without torchrun variables; one process unless NPROC_PER_NODE given."""
     e = {k: v for k, v in os.environ.items()
@@ -56,6 +99,19 @@ def run(cmd, cwd=ROOT, check=True, timeout=600, **extra_env):
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def wait_for_line(proc, text, timeout=300):
+    """Read proc's stdout until a line contains `text`; returns what was read."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"no line with {text!r}:\n{''.join(seen)[-2000:]}")
 
 
 def tiny_flags(data, save, *flags) -> list:

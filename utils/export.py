@@ -20,14 +20,14 @@ from utils.deploy.packed import *  # noqa: F401,F403 -- the public names of the 
 from utils.deploy.packed import __all__ as _packed_names
 from utils.deploy.packed import export, verify
 
-__all__ = [*_packed_names, "main"]
+__all__ = [*_packed_names, "get_parser", "main"]
 
 
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB"
 
 
-def main(argv=None):
+def get_parser() -> Parser:
     p = Parser(description="Export a step-2 ReActNet-A checkpoint to packed 1-bit weights, check it, or time it.")
     p.add_argument("--checkpoint", help="step-2 checkpoint (any layout load_weights reads)")
     p.add_argument("--out", help="packed file to write")
@@ -47,6 +47,11 @@ def main(argv=None):
                    help="--benchmark: the packed network's CPU path (default: the best this CPU runs)")
     p.add_argument("--layers", action=argparse.BooleanOptionalAction, default=None,
                    help="--benchmark: also time the largest binary convs alone (default: at 224x224)")
+    return p
+
+
+def main(argv=None):
+    p = get_parser()
     args = p.parse_args(argv)
     if args.threads and not args.benchmark:
         if len(args.threads) > 1:

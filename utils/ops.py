@@ -14,15 +14,20 @@ from utils.deploy.opcount import __all__ as _counter_names
 from utils.deploy.opcount import count_ops, summary
 from utils.deploy.packed import build_step2_model
 
-__all__ = [*_counter_names, "main", "print_summary"]
+__all__ = [*_counter_names, "get_parser", "main", "print_summary"]
 
 
-def main(argv=None):
+def get_parser() -> Parser:
     parser = Parser(description="BOPs, FLOPs and OPs of ReActNet-A, step 1 and step 2.")
     parser.add_argument("--input-size", type=int, default=224, help="image side in pixels, a multiple of 32")
     parser.add_argument("--summary", action="store_true",
                         help="the step-2 network layer by layer, float and packed 1-bit (utils.export)")
     parser.add_argument("--checkpoint", help="--summary: a step-2 checkpoint (its classes and file size)")
+    return parser
+
+
+def main(argv=None):
+    parser = get_parser()
     args = parser.parse_args(argv)
     side = args.input_size
     with exit_on_error():

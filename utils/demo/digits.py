@@ -24,7 +24,7 @@ import time
 from ..cli import Parser, exit_on_error
 from ..errors import UserError
 
-__all__ = ["export", "train_teacher", "main", "MANIFEST", "CLASSES"]
+__all__ = ["export", "train_teacher", "get_parser", "main", "MANIFEST", "CLASSES"]
 
 MANIFEST = "digits_export.json"
 CLASSES = [str(c) for c in range(10)]
@@ -171,7 +171,7 @@ def train_teacher(data: str, out: str, epochs: int = 8, batch_size: int = 32, lr
     return metrics
 
 
-def main(argv=None):
+def get_parser() -> Parser:
     parser = Parser(prog="python -m utils.demo.digits", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,7 +192,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-j", "--workers", type=int, default=1)
     p.add_argument("--results-file", default=None, help="append a JSON line with the val accuracy")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     with exit_on_error():
         if args.command == "export":
             export(args.out, args.size, args.val_fraction, args.seed)
