@@ -19,10 +19,10 @@ from utils.checkpoint import (check_classes, check_finite, checkpoint_step, dete
                               num_classes, read_checkpoint, trained_input_size)
 from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
                        check_input_size, exit_on_error, resolve_device_layout)
+from utils.deploy.packed import load_packed
 from utils.distributed import cleanup, init_distributed
 from utils.engine import LoopSettings, evaluate
 from utils.errors import ConfigError, UserError
-from utils.deploy.packed import load_packed
 from utils.loaders import build_loader
 from utils.precision import compiled, memory_format, set_precision
 

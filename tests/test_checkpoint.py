@@ -51,6 +51,7 @@ LAYOUTS = {
     "this-repo": lambda m: {"epoch": 3, "step": 2, "arch": "reactnet_a", "state_dict": m.state_dict()},
     "adambnn-release": lambda m: released(m.state_dict()),
     "reactnet-release": lambda m: released(reactnet_release_state_dict(m)),
+    "torchvision-reference": lambda m: {"model": m.state_dict(), "optimizer": {}, "epoch": 3},
     "state_dict": lambda m: m.state_dict(),
     "state_dict-module": lambda m: with_module_prefix(m.state_dict()),
 }
@@ -65,6 +66,20 @@ def test_layout_loads_and_gives_source_logits(tmp_path, source, layout):
     fresh = reactnet_a(binary_weights=True)
     assert load_weights(fresh, path) == layout.removesuffix("-module")
     assert torch.equal(logits(fresh, x), expected)
+
+
+def test_the_teacher_loads_through_the_same_layouts(tmp_path):
+    import torchvision
+
+    from utils.distill import build_teacher
+    torch.manual_seed(0)
+    state_dict = torchvision.models.resnet18(num_classes=3).state_dict()
+    layouts = {"state_dict-module": with_module_prefix(state_dict), "torchvision-reference": {"model": state_dict},
+               "adambnn-release": released(state_dict)}
+    for layout, obj in layouts.items():
+        torch.save(obj, tmp_path / layout)
+        teacher = build_teacher("resnet18", str(tmp_path / layout), 3, log=lambda line: None)
+        assert all(torch.equal(v, state_dict[k]) for k, v in teacher.state_dict().items()), layout
 
 
 def test_reactnet_release_layout_is_the_fixtures():

@@ -39,10 +39,11 @@ def test_extending_a_finished_run_follows_the_new_schedule(tiny):
     root, data, teacher = tiny.root, tiny.data, tiny.teacher
     save = root / "extend"
     train_here(1, data, save, "--epochs", "2", "--teacher-weights", teacher)
-    p = train_here(1, data, save, "--epochs", "4", "--learning_rate", str(2 * LR), "--teacher-weights", teacher)
+    p = train_here(1, data, save, "--epochs", "4", "--learning_rate", str(2 * LR), "--teacher-weights", teacher,
+                   "--print_freq", "2")
     resumed = next(line for line in p.stdout.splitlines() if "resuming from" in line)
     assert "changed, applied from now on:" in resumed and "--epochs 2 -> 4" in resumed
-    assert f"--learning_rate {LR} -> {2 * LR}" in resumed
+    assert f"--learning_rate {LR} -> {2 * LR}" in resumed and "--print-freq 1 -> 2" in resumed  # as --help spells it
     # Epochs 2 and 3 train at the rate the new flags give them: 2 * lr * (1 - (e + 1) / 4).
     assert [r["lr"] for r in records(save)] == pytest.approx([LR / 2, 0.0, 2 * LR / 4, 0.0])
     assert all(r["val_loss"] < 10 for r in records(save))

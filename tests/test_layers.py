@@ -80,7 +80,8 @@ def layer_of() -> dict:
                     layers.setdefault(name, number)
     for name, path in MODULES.items():
         if path.endswith("__init__.py") and name not in layers:
-            beside = [layers[m] for m, p in MODULES.items() if m in layers and os.path.dirname(p) == os.path.dirname(path)]
+            beside = [layers[m] for m, p in MODULES.items()
+                      if m in layers and os.path.dirname(p) == os.path.dirname(path)]
             if beside:
                 layers[name] = min(beside)
     return layers

@@ -211,9 +211,9 @@ class CheckpointSaver:
                     p.numel() * p.element_size() for p in student.parameters())
             free = shutil.disk_usage(self.folder).free
             if free < needed:
-                problem = (f"{self.folder} has {size_in_mb(free)} free and a checkpoint needs about {size_in_mb(needed)}: "
-                           "free space there or pass another --save; stopped before training an epoch that "
-                           "could not be saved")
+                problem = (f"{self.folder} has {size_in_mb(free)} free and a checkpoint needs about "
+                           f"{size_in_mb(needed)}: free space there or pass another --save; stopped before "
+                           "training an epoch that could not be saved")
         problem = broadcast_object(problem)
         if problem:
             raise RunFolderError(problem)
@@ -272,7 +272,8 @@ def load_init_checkpoint(student: nn.Module, path: str, log) -> None:
     if checkpoint_step(obj) == 2:
         raise CheckpointError(f"{path} is a step-2 checkpoint; step 2 starts from step 1's model_best.pth.tar "
                               "(pass it with --init-checkpoint)")
-    check_classes(path, num_classes(detect_format(obj)[1], path), student.fc.out_features, "step 2 trains on the classes of its step-1 checkpoint")
+    check_classes(path, num_classes(detect_format(obj)[1], path), student.fc.out_features,
+                  "step 2 trains on the classes of its step-1 checkpoint")
     fmt = load_weights(student, obj)
     check_finite(student.state_dict(), path)
     epoch = f", epoch {obj['epoch']}, best val Acc@1 {format_top1(obj.get('best_top1_acc'))}" \
