@@ -16,6 +16,7 @@ from torchvision.datasets.folder import pil_loader
 
 from utils import data, torch_data
 from utils.bench.common import make_jpegs
+from utils.errors import DataError
 
 SIZE = 48
 
@@ -211,7 +212,7 @@ def test_failed_batched_decode_keeps_the_good_images(tmp_path, root):
 
 
 def test_folder_errors_are_the_pil_paths(tmp_path):
-    with pytest.raises(data.DataError, match="has no train/ folder"):
+    with pytest.raises(DataError, match="has no train/ folder"):
         torch_data.torch_train_loader(str(tmp_path), 2, 0)
-    with pytest.raises(data.DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist"):
         torch_data.torch_val_loader(str(tmp_path / "missing"), 2, 0)
