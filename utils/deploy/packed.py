@@ -16,10 +16,10 @@ C++ compiler, the pure PyTorch forward does. Its command, `python -m utils.expor
 utils/export.py.
 
 A packed file is a dict read with `torch.load(weights_only=True)` (nothing in it runs when it is
-read): {'format': PACKED_FORMAT (utils.checkpoint's), 'version': VERSION, 'arch': 'reactnet_a', 'num_classes',
-'input_size' (the training crop size, None where the checkpoint does not say), 'classes' (the
-class folder names, where the checkpoint has them), 'state_dict'}. Version 1 files, without
-'input_size' and 'classes', are read too.
+read): {'format': PACKED_FORMAT (utils.checkpoint's), 'version': VERSION, 'arch': 'reactnet_a',
+'num_classes', 'input_size' (the training crop size, None where the checkpoint does not say),
+'classes' (the class folder names, where the checkpoint has them), 'state_dict'}. Version 1
+files, without 'input_size' and 'classes', are read too.
 """
 import copy
 import os
