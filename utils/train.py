@@ -28,12 +28,13 @@ from .distributed import all_reduce_max, broadcast_buffers, cleanup, init_distri
 from .engine import Progress, evaluate, train_one_epoch
 from .logger import RunLogger, git_commit
 from .precision import set_precision
-from .preempt import Stopped, StopRequest, exit_with_parent
+from .preempt import Stopped, StopRequest, exit_with_parent, survive_lost_console
 
 __all__ = ["main", "train"]
 
 
 def main(argv=None):
+    survive_lost_console()  # a closed terminal's SIGHUP stops the run like SIGTERM: it must live to save
     args = parse_args(argv)
     with exit_on_error(args.save):
         train(resolve_args(args))
