@@ -1,7 +1,6 @@
 """Days-long runs survive faults and mistakes: relaunches with changed flags, NaN, unreadable
 images, stop signals (mid-epoch save and exact continuation), errors on any rank, bad flags found
 before anything is loaded. Tiny CPU runs through the real entry points."""
-import contextlib
 import errno
 import json
 import multiprocessing
@@ -19,7 +18,7 @@ import pytest
 import torch
 
 import evaluate
-from tests.test_resume import assert_same_run, process_tree
+from tests.test_resume import assert_same_run, kill_tree, process_tree
 from models import reactnet_a
 from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, run, step, train_here
 from utils import checkpoint, cli, config, recipe, train
@@ -335,11 +334,7 @@ def gated_launch(tmp_path):
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            for pid in process_tree(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
+        kill_tree(proc)
 
 
 def wait_for_file(proc, path, timeout=300):

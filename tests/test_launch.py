@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.test_resume import process_tree
+from tests.test_resume import kill_tree
 from tests.tiny import ROOT, env, free_port, make_image_folder, make_teacher, step_command
 from utils.checkpoint import read_checkpoint
 from utils.preempt import EXIT_PREEMPTED
@@ -47,11 +47,7 @@ def start():
 
     yield node
     for proc in started:
-        if proc.poll() is None:
-            for pid in process_tree(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
 
 
 def read_until(proc, text, timeout=120) -> str:
