@@ -1,13 +1,15 @@
 """Days-long runs survive faults and mistakes: relaunches with changed flags, NaN, unreadable
 images, stop signals (mid-epoch save and exact continuation), errors on any rank, bad flags found
 before anything is loaded. Tiny CPU runs through the real entry points."""
-import contextlib
 import errno
 import multiprocessing
 import os
+import pty
+import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 import evaluate
-from tests.test_resume import assert_same_run, process_tree
+from tests.test_resume import assert_same_run, kill_tree, process_tree
 from tests.tiny import (ROOT, env, free_port, make_image_folder, records, run, step, train_here,
                         wait_for_line)
 from utils import cli, config, preempt, recipe, run_folder, train
@@ -111,11 +113,15 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(tiny, tmp_path, cap
     assert "1 epochs done, best val Acc@1 none yet" in capsys.readouterr().out
 
 
-def launch(data, save, teacher, *flags, **extra_env):
+def launch_command(data, save, teacher, *flags) -> list:
     tiny_flags = ["--data", data, "--save", save, "--batch_size", "4", "-j", "0", "--input-size", "32",
                   "--print-freq", "1", "--epochs", "2", "--teacher-weights", teacher, "--deterministic"]
-    return subprocess.Popen(["bash", os.path.join(ROOT, "step1", "run.sh"), *map(str, tiny_flags), *map(str, flags)],
-                            cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return ["bash", os.path.join(ROOT, "step1", "run.sh"), *map(str, tiny_flags), *map(str, flags)]
+
+
+def launch(data, save, teacher, *flags, **extra_env):
+    return subprocess.Popen(launch_command(data, save, teacher, *flags), cwd=ROOT, env=env(**extra_env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +204,57 @@ def test_sigterm_to_every_process_saves_mid_epoch_and_relaunch_finishes(tiny, tm
     assert not [f for f in os.listdir(tmp) if f.startswith(("torchelastic_", "adambnn_torchrun_"))]
 
 
+def assert_saved_mid_epoch(save):
+    ckpt = read_checkpoint(save / "checkpoint.pth.tar")
+    assert ckpt["epoch"] == 0 and 2 <= ckpt["iteration"] < 6
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+@pytest.mark.parametrize("to", ["the launcher", "every process"])
+def test_sighup_saves_mid_epoch_and_exits_75(tiny, tmp_path, to):
+    # As SIGTERM does (the relaunch is the same: tested above); to every process, loader workers included.
+    data, teacher = tiny.data, tiny.teacher
+    save = tmp_path / "save"
+    proc = launch(data, save, teacher, "--epochs", 1, "-j", 2)
+    wait_for_line(proc, "Epoch: [0][1/6]")
+    if to == "the launcher":
+        proc.send_signal(signal.SIGHUP)
+    else:
+        assert len(signal_every_process(proc, signal.SIGHUP)) == 4  # the launcher, the trainer, 2 loader workers
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err.strip().count("\n") == 0 and "stopped by SIGHUP in epoch 0 after iteration" in err, err
+    assert_saved_mid_epoch(save)
+
+
+# What a terminal (an SSH session, a terminal window) does for the command it runs: a session of
+# its own with the terminal as its controlling terminal, on the standard streams.
+IN_A_TERMINAL = "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(0, termios.TIOCSCTTY, 0); " \
+                "os.execvp(sys.argv[1], sys.argv[1:])"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+def test_a_closed_terminal_saves_mid_epoch_and_exits_75(tiny, tmp_path):
+    # Closing the terminal sends SIGHUP to the launcher's process group, and from then on every
+    # write to the terminal fails (EIO), the training processes' too: they must still save.
+    data, teacher = tiny.data, tiny.teacher
+    save = tmp_path / "save"
+    terminal, tty = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", IN_A_TERMINAL, *launch_command(data, save, teacher, "--epochs", 1)],
+                            cwd=ROOT, env=env(), stdin=tty, stdout=tty, stderr=tty)
+    os.close(tty)
+    seen, deadline = b"", time.time() + 300
+    while b"Epoch: [0][1/6]" not in seen and time.time() < deadline and proc.poll() is None:
+        if select.select([terminal], [], [], 0.5)[0]:
+            seen += os.read(terminal, 65536)
+    assert b"Epoch: [0][1/6]" in seen, seen.decode()[-2000:]
+    os.close(terminal)
+    assert proc.wait(timeout=300) == EXIT_PREEMPTED
+    assert_saved_mid_epoch(save)
+    last = (save / "log.txt").read_text().splitlines()[-1]  # the terminal is gone: log.txt says it
+    assert last.startswith("=> stopped by SIGHUP in epoch 0 after iteration") and "relaunch the same command" in last
+
+
 @pytest.mark.parametrize("backend", ["pil", "torch"])
 def test_loader_workers_ignore_stop_signals(tiny, backend):
     data = tiny.data
@@ -258,11 +315,7 @@ def gated_launch(tmp_path):
 
     yield start
     for proc in started:
-        if proc.poll() is None:
-            for pid in process_tree(proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            proc.wait()
+        kill_tree(proc)
 
 
 def wait_for_file(proc, path, timeout=300):
@@ -309,6 +362,21 @@ def test_a_second_launch_into_a_running_save_is_refused_even_during_its_save(tin
     assert "=> done" in out and "removed" not in out
     assert [r["epoch"] for r in records(save)] == [0] and read_checkpoint(save / "checkpoint.pth.tar")["epoch"] == 1
     assert "in use" not in (save / "log.txt").read_text()  # the refused launch wrote nothing there
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+def test_a_second_ctrl_c_stops_at_once_and_says_the_progress_since_the_checkpoint_is_lost(tiny, small, tmp_path,
+                                                                                         gated_launch):
+    teacher = tiny.teacher
+    proc, gate = gated_launch(small, tmp_path / "save", teacher, "utils.engine.train_step")
+    wait_for_file(proc, f"{gate}.0")  # training: its first iteration waits at the gate, which stays shut
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)  # two signals at once would be one: the launcher handles the first
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_INTERRUPTED, err
+    assert err == ("=> stopped at once by a second SIGINT: the training processes were killed, so the progress since "
+                   "the last checkpoint is lost; relaunch the same command to continue from that checkpoint\n")
 
 
 def tiny_args(data, save, teacher, *flags, step=1):

@@ -1,5 +1,6 @@
 """Resume: a run interrupted after an epoch and relaunched with the same command ends with exactly
 the weights, optimizer state and logs of a run never interrupted (same seed, CPU, --deterministic)."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,6 +65,15 @@ def process_tree(pid):
         tree.append(todo.pop())
         todo += children.get(tree[-1], [])
     return tree
+
+
+def kill_tree(proc):
+    """A launch a test leaves behind: SIGKILL to it and its descendants, if it still runs."""
+    if proc.poll() is None:
+        for pid in process_tree(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the worker processes")

@@ -29,13 +29,14 @@ from .errors import DataError
 from .loaders import build_loader
 from .logger import RunLogger, git_commit
 from .precision import compiled, memory_format, set_precision
-from .preempt import Stopped, StopRequest, exit_with_parent
+from .preempt import Stopped, StopRequest, exit_with_parent, survive_lost_console
 from .run_folder import CheckpointSaver, Progress, TrainState, format_top1, load_init_checkpoint
 
 __all__ = ["main", "train"]
 
 
 def main(argv=None):
+    survive_lost_console()  # a closed terminal's SIGHUP stops the run like SIGTERM: it must live to save
     args = parse_args(argv)
     with exit_on_error(args.save):
         train(resolve_args(args))
