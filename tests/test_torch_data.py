@@ -180,9 +180,10 @@ def test_decoded_pixels_are_pillows(root, odd_root):
 def test_no_deprecated_decoder(root, odd_root):
     """The training and validation loaders, fallbacks included, with every warning an error:
     torchvision's image decoders, deprecated since torchvision 0.29, are never called."""
-    blob = torch.frombuffer(bytearray(_jpeg_bytes("RGB")), dtype=torch.uint8)
-    with pytest.raises(DeprecationWarning, match="image decoding .* of TorchVision are deprecated"):
-        torchvision.io.decode_jpeg(blob)  # the filter does catch that warning
+    if tuple(map(int, torchvision.__version__.split(".")[:2])) >= (0, 29):  # older ones do not warn
+        blob = torch.frombuffer(bytearray(_jpeg_bytes("RGB")), dtype=torch.uint8)
+        with pytest.raises(DeprecationWarning, match="image decoding .* of TorchVision are deprecated"):
+            torchvision.io.decode_jpeg(blob)  # the filter does catch that warning
     for loader, prepare in (torch_data.torch_train_loader(odd_root, 4, 0, input_size=SIZE),
                             torch_data.torch_val_loader(root, 4, 0, input_size=SIZE)):
         for batch in loader:
