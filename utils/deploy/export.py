@@ -137,10 +137,9 @@ class PackedBinaryConv2d(nn.Module):
         """Parameters of the binary conv and BatchNorm this layer stands for: W, gamma and beta."""
         return self.weight_bits.shape[0] * (self.in_channels * self.kernel_size ** 2 + 2)
 
-    def forward(self, u: torch.Tensor, fused=None) -> torch.Tensor:
-        """`fused` (utils.deploy.block, where kernel.applies): the block's float parts the kernel does too."""
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         if kernel.applies(self, u):  # the C++ kernel: the same values, several times faster
-            return kernel.binary_conv(self, u, fused)
+            return kernel.binary_conv(self, u)
         n, _, h, w = u.shape
         k, stride, pad = self.kernel_size, self.stride, self.padding
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
