@@ -187,11 +187,16 @@ void parallel(int threads, int64_t total, int64_t min_items, int64_t step, const
 
 // ---- packing: m = u + bias != 0 (NaN too, as in the pure path), p = u + bias > 0 ----
 
-// One pixel's channels -> its m words then its p words.
-using PackPixel = void (*)(const float* u, const float* bias, int64_t channels, int32_t* out);
+// One pixel's channels -> its m words then its p words; whether a channel is exactly 0 (m not full).
+using PackPixel = bool (*)(const float* u, const float* bias, int64_t channels, int32_t* out);
 
-void pack_pixel_scalar(const float* u, const float* bias, int64_t channels, int32_t* out) {
+BC_INLINE uint32_t full_word(int64_t channels, int64_t w) {
+    return channels - 32 * w >= 32 ? ~0u : (1u << (channels - 32 * w)) - 1;
+}
+
+bool pack_pixel_scalar(const float* u, const float* bias, int64_t channels, int32_t* out) {
     const int64_t words = words_of(channels);
+    bool zero = false;
     for (int64_t w = 0; w < words; ++w) {
         uint32_t m = 0, p = 0;
         for (int64_t i = 0; i < std::min<int64_t>(32, channels - 32 * w); ++i) {
@@ -201,14 +206,17 @@ void pack_pixel_scalar(const float* u, const float* bias, int64_t channels, int3
         }
         out[w] = (int32_t)m;
         out[words + w] = (int32_t)p;
+        zero |= m != full_word(channels, w);
     }
+    return zero;
 }
 
 #if BC_X86
-BC_TARGET("avx2") void pack_pixel_avx2(const float* u, const float* bias, int64_t channels, int32_t* out) {
+BC_TARGET("avx2") bool pack_pixel_avx2(const float* u, const float* bias, int64_t channels, int32_t* out) {
     if (channels % 8) return pack_pixel_scalar(u, bias, channels, out);
     const int64_t words = words_of(channels);
     const __m256 zero = _mm256_setzero_ps();
+    bool any = false;
     for (int64_t w = 0; w < words; ++w) {
         uint32_t m = 0, p = 0;
         for (int g = 0; g < 4 && 32 * w + 8 * g < channels; ++g) {
@@ -220,12 +228,15 @@ BC_TARGET("avx2") void pack_pixel_avx2(const float* u, const float* bias, int64_
         }
         out[w] = (int32_t)m;
         out[words + w] = (int32_t)p;
+        any |= m != full_word(channels, w);
     }
+    return any;
 }
 
-BC_TARGET(BC_AVX512) void pack_pixel_avx512(const float* u, const float* bias, int64_t channels, int32_t* out) {
+BC_TARGET(BC_AVX512) bool pack_pixel_avx512(const float* u, const float* bias, int64_t channels, int32_t* out) {
     const int64_t words = words_of(channels);
     const __m512 zero = _mm512_setzero_ps();
+    bool any = false;
     for (int64_t w = 0; w < words; ++w) {
         uint32_t m = 0, p = 0;
         for (int g = 0; g < 2; ++g) {
@@ -239,7 +250,9 @@ BC_TARGET(BC_AVX512) void pack_pixel_avx512(const float* u, const float* bias, i
         }
         out[w] = (int32_t)m;
         out[words + w] = (int32_t)p;
+        any |= m != full_word(channels, w);
     }
+    return any;
 }
 #endif
 
@@ -249,10 +262,12 @@ struct Pack {
     const float* bias;
     int64_t h, w, x_stride, channels, pad, words;
     int32_t* planes;
+    mutable std::atomic<bool> zero{false};  // an input exactly 0
 };
 
 template <PackPixel pack_pixel>
 void pack_rows(const Pack& p, int64_t first, int64_t last) {
+    bool zero = false;
     const int64_t hp = p.h + 2 * p.pad, wp = p.w + 2 * p.pad, step = 2 * p.words;
     for (int64_t i = first; i < last; ++i) {
         int32_t* dst = p.planes + i * wp * step;
@@ -265,8 +280,9 @@ void pack_rows(const Pack& p, int64_t first, int64_t last) {
         std::fill(dst + (p.pad + p.w) * step, dst + wp * step, 0);
         const float* src = p.x + (image * p.h + y) * p.w * p.x_stride;
         for (int64_t x = 0; x < p.w; ++x)
-            pack_pixel(src + x * p.x_stride, p.bias, p.channels, dst + (p.pad + x) * step);
+            zero |= pack_pixel(src + x * p.x_stride, p.bias, p.channels, dst + (p.pad + x) * step);
     }
+    if (zero) p.zero.store(true, std::memory_order_relaxed);
 }
 
 // ---- the conv: shared parts ----
@@ -278,6 +294,7 @@ struct Stage {
     const int32_t* planes;        // [images][hp][wp][2 words]
     int64_t hp, wp, ho, wo, pixels;
     std::vector<int32_t> offsets;  // per word of a weight row: its m word's offset from the pixel's first
+    bool zeros = true;             // the input may hold a value exactly 0 (m not full off the border)
     // The float parts: y = fma(s, scale, shift), + residual, + bias, prelu(slope), + bias_out; then
     // sign(y + next_bias) packed into `next` [pixels][2 next_words].
     int pool = 0;  // residual: 0 none, 1 `res` at the pixel (channel o % res_channels), 2 the 2x2 average of `res`
@@ -314,10 +331,6 @@ struct Cursor {
         const int64_t stride = s.conv->stride;
         Pixel p;
         p.in = s.planes + ((image * s.hp + row * stride) * s.wp + col * stride) * 2 * s.words;
-        int32_t ones = 0;
-        for (int64_t t = 0; t < s.taps; ++t)
-            for (int64_t w = 0; w < s.words; ++w) ones += __builtin_popcount((uint32_t)p.in[s.offsets[t * s.words + w]]);
-        p.ones = ones;
         const int64_t k = s.conv->k, pad = k / 2, y0 = row * stride - pad, x0 = col * stride - pad;
         p.padded = 0;
         if (y0 < 0 || y0 + k > s.hp - 2 * pad || x0 < 0 || x0 + k > s.wp - 2 * pad)
@@ -325,7 +338,15 @@ struct Cursor {
                 const int64_t y = y0 + t / k, x = x0 + t % k;
                 if (y < 0 || y >= s.hp - 2 * pad || x < 0 || x >= s.wp - 2 * pad) p.padded |= 1u << t;
             }
-        p.whole = ones == s.conv->in * (s.taps - __builtin_popcount(p.padded));
+        const int32_t whole = s.conv->in * (s.taps - __builtin_popcount(p.padded));
+        if (s.zeros) {
+            p.ones = 0;
+            for (int64_t t = 0; t < s.taps; ++t)
+                for (int64_t w = 0; w < s.words; ++w) p.ones += __builtin_popcount((uint32_t)p.in[s.offsets[t * s.words + w]]);
+        } else {
+            p.ones = whole;
+        }
+        p.whole = p.ones == whole;
         if (s.pool == 1) {
             p.res[0] = s.res + i * s.res_stride;
         } else if (s.pool == 2) {  // a pooled size of 1 broadcasts, as PyTorch's addition does
@@ -381,7 +402,7 @@ BC_INLINE void finish_scalar(const Stage& st, const Pixel& px, int64_t base, int
         const int64_t o = base + j;
         float v = __builtin_fmaf((float)s[j], st.conv->scale[o], st.conv->shift[o]);
         if (st.pool == 1) {
-            v = v + px.res[0][o % st.res_channels];
+            v = v + px.res[0][o < st.res_channels ? o : o - st.res_channels];  // out <= 2 res_channels
         } else if (st.pool == 2) {
             float sum = 0;
             for (int d = 0; d < 4; ++d) sum += px.res[d][o];
@@ -453,7 +474,7 @@ BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Stage& st, const Pixel& p
         __m256 out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(s + 8 * v))),
                                      _mm256_loadu_ps(st.conv->scale + o), _mm256_loadu_ps(st.conv->shift + o));
         if (st.pool == 1) {
-            out = _mm256_add_ps(out, _mm256_maskload_ps(px.res[0] + o % st.res_channels, lanes));
+            out = _mm256_add_ps(out, _mm256_maskload_ps(px.res[0] + (o < st.res_channels ? o : o - st.res_channels), lanes));
         } else if (st.pool == 2) {
             __m256 sum = zero;
             for (int d = 0; d < 4; ++d) sum = _mm256_add_ps(sum, _mm256_maskload_ps(px.res[d] + o, lanes));
@@ -527,56 +548,67 @@ BC_TARGET("avx2,fma,popcnt") void conv_avx2(const Stage& st, int64_t first, int6
 
 // ---- AVX-512 VPOPCNTDQ: (p xor q) and m in one vpternlogd, then vpopcntd ----
 
+// The float parts of a conv, known when it is compiled: POOL 0, a lone conv (y = fma(s, scale,
+// shift) only); 1, + the residual at the pixel; 2, + the 2x2 average of the residual; then with
+// POOL > 0 + bias, prelu, + bias_out; with NEXT, sign(y + next_bias) packed too.
 // `acc`: the mismatches, popcount((p xor q) and m), or with `masked` false popcount(p xor q), which
 // counts each border tap's weight bits too: taken off here (an input exactly 0 takes the masked way).
-template <int V>
+template <int V, int POOL, bool NEXT>
 BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel& px, int64_t block, __m512i* acc,
                                                   bool masked) {
     constexpr int B = 16 * V;
-    const int64_t base = block * B, count = std::min<int64_t>(B, st.conv->out - base);
+    const bc_conv& c = *st.conv;
+    const int64_t base = block * B, count = std::min<int64_t>(B, c.out - base);
     const __m512 zero = _mm512_setzero_ps();
     if (!masked)
         for (uint32_t taps = px.padded; taps; taps &= taps - 1) {
-            const int32_t* ones = st.conv->tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
+            const int32_t* ones = c.tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
             for (int v = 0; v < V; ++v) acc[v] = _mm512_sub_epi32(acc[v], _mm512_loadu_si512(ones + 16 * v));
         }
     __m512i s[V];
     for (int v = 0; v < V; ++v) s[v] = _mm512_sub_epi32(_mm512_set1_epi32(px.ones), _mm512_add_epi32(acc[v], acc[v]));
-    if (st.conv->zero_start[block] != st.conv->zero_start[block + 1]) {
+    if (c.zero_start[block] != c.zero_start[block + 1]) {
         alignas(64) int32_t t[B];
         for (int v = 0; v < V; ++v) _mm512_store_si512(t + 16 * v, s[v]);
         correct_zero_weights(st, px, block, base, count, t);
         for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(t + 16 * v);
     }
-    uint32_t m[V / 2 + 1] = {}, p[V / 2 + 1] = {};
-    for (int v = 0; v < V && 16 * v < count; ++v) {
+    __mmask16 lanes[V];
+    for (int v = 0; v < V; ++v)
+        lanes[v] = count - 16 * v >= 16 ? (__mmask16)0xffff
+                   : count > 16 * v  ? (__mmask16)((1u << (count - 16 * v)) - 1)
+                                     : (__mmask16)0;
+    __m512 out[V];
+    for (int v = 0; v < V; ++v) {
         const int64_t o = base + 16 * v;
-        const __mmask16 lanes = count - 16 * v >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - 16 * v)) - 1);
-        __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), _mm512_loadu_ps(st.conv->scale + o),
-                                     _mm512_loadu_ps(st.conv->shift + o));
-        if (st.pool == 1) {
-            out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(lanes, px.res[0] + o % st.res_channels));
-        } else if (st.pool == 2) {
+        out[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), _mm512_loadu_ps(c.scale + o), _mm512_loadu_ps(c.shift + o));
+        if (POOL == 1) {
+            const int64_t r = o < st.res_channels ? o : o - st.res_channels;  // out <= 2 res_channels
+            out[v] = _mm512_add_ps(out[v], _mm512_maskz_loadu_ps(lanes[v], px.res[0] + r));
+        } else if (POOL == 2) {
             __m512 sum = zero;
-            for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, px.res[d] + o));
-            out = _mm512_add_ps(out, _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
+            for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes[v], px.res[d] + o));
+            out[v] = _mm512_add_ps(out[v], _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
         }
-        if (st.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(st.bias + o));
-        if (st.slope)
-            out = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out, zero, _CMP_GT_OQ),
-                                       _mm512_mul_ps(out, _mm512_loadu_ps(st.slope + o)), out);
-        if (st.bias_out) out = _mm512_add_ps(out, _mm512_loadu_ps(st.bias_out + o));
-        _mm512_mask_storeu_ps(px.y + o, lanes, out);
-        if (px.next) {
-            const __m512 t = _mm512_add_ps(out, _mm512_loadu_ps(st.next_bias + o));
-            m[v / 2] |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_NEQ_UQ) << (16 * (v % 2));
-            p[v / 2] |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_GT_OQ) << (16 * (v % 2));
+        if (POOL) {
+            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias + o));
+            out[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out[v], zero, _CMP_GT_OQ),
+                                          _mm512_mul_ps(out[v], _mm512_loadu_ps(st.slope + o)), out[v]);
+            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias_out + o));
         }
+        _mm512_mask_storeu_ps(px.y + o, lanes[v], out[v]);
     }
-    if (px.next)
+    if (NEXT)
         for (int64_t j = 0; j < V / 2 && base / 32 + j < st.next_words; ++j) {
-            px.next[base / 32 + j] = (int32_t)m[j];
-            px.next[st.next_words + base / 32 + j] = (int32_t)p[j];
+            uint32_t m = 0, p = 0;
+            for (int h = 0; h < 2; ++h) {
+                const int v = 2 * j + h;
+                const __m512 t = _mm512_add_ps(out[v], _mm512_loadu_ps(st.next_bias + base + 16 * v));
+                m |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_NEQ_UQ) << (16 * h);
+                p |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_GT_OQ) << (16 * h);
+            }
+            px.next[base / 32 + j] = (int32_t)m;
+            px.next[st.next_words + base / 32 + j] = (int32_t)p;
         }
 }
 
@@ -610,7 +642,7 @@ BC_TARGET(BC_AVX512) BC_INLINE void mismatches(const Stage& st, const int32_t* c
 
 // R pixels x V vectors of 16 outputs: R * V accumulators, V weight vectors and the broadcasts in
 // the 32 registers.
-template <int R, int V>
+template <int R, int V, int POOL, bool NEXT>
 BC_TARGET(BC_AVX512) void conv_avx512(const Stage& st, int64_t first, int64_t last) {
     constexpr int B = 16 * V;
     const int64_t K = st.taps * st.words;
@@ -631,7 +663,7 @@ BC_TARGET(BC_AVX512) void conv_avx512(const Stage& st, int64_t first, int64_t la
                 mismatches<R, V, true>(st, in, wq, acc);
             else
                 mismatches<R, V, false>(st, in, wq, acc);
-            for (int r = 0; r < valid; ++r) finish_avx512<V>(st, px[r], b, acc[r], masked);
+            for (int r = 0; r < valid; ++r) finish_avx512<V, POOL, NEXT>(st, px[r], b, acc[r], masked);
         }
     }
 }
@@ -642,12 +674,21 @@ using ConvRows = void (*)(const Stage&, int64_t, int64_t);
 using PackRows = void (*)(const Pack&, int64_t, int64_t);
 
 // The path's conv for `conv` and the pixels it takes at a time.
-ConvRows conv_rows(int path, const bc_conv& conv, int64_t* step) {
+#if BC_X86
+template <int R, int V>
+ConvRows conv_avx512_of(int pool, bool next) {
+    if (pool == 0) return conv_avx512<R, V, 0, false>;
+    if (next) return pool == 1 ? conv_avx512<R, V, 1, true> : conv_avx512<R, V, 2, true>;
+    return pool == 1 ? conv_avx512<R, V, 1, false> : conv_avx512<R, V, 2, false>;
+}
+#endif
+
+ConvRows conv_rows(int path, const bc_conv& conv, int pool, bool next, int64_t* step) {
     *step = 1;
 #if BC_X86
     if (path == 2) {
         *step = conv.block == 64 ? 4 : 8;
-        return conv.block == 64 ? conv_avx512<4, 4> : conv_avx512<8, 2>;
+        return conv.block == 64 ? conv_avx512_of<4, 4>(pool, next) : conv_avx512_of<8, 2>(pool, next);
     }
     if (path == 1) {
         *step = 2;
@@ -675,7 +716,7 @@ void run_conv(Stage& st, int path, int threads) {
         for (int64_t dx = 0; dx < c.k; ++dx)
             for (int64_t w = 0; w < st.words; ++w) st.offsets.push_back((int32_t)((dy * st.wp + dx) * 2 * st.words + w));
     int64_t step;
-    const ConvRows rows = conv_rows(path, c, &step);
+    const ConvRows rows = conv_rows(path, c, st.pool, st.next != nullptr, &step);
     // Work per pixel in (word, output) pairs, the float parts counted as 8 words.
     const int64_t work = (st.taps * st.words + 8) * st.blocks * c.block;
     parallel(threads, st.pixels, (1 << 17) / work + 1, step, [&](int64_t first, int64_t last) { rows(st, first, last); });
@@ -743,6 +784,7 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         Stage s;
         s.conv = &a.a;
         s.planes = in_planes;
+        s.zeros = p.zero.load(std::memory_order_relaxed);
         s.hp = hp, s.wp = wp, s.ho = ho, s.wo = wo, s.pixels = images * ho * wo;
         if (a.residual) {
             s.pool = stride == 2 ? 2 : 1;
