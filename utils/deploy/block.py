@@ -1,5 +1,5 @@
-"""The packed network's blocks (utils.export): on a float32 CPU input with the kernel at hand, each
-block is one kernel call (utils.deploy.kernel.block), its float parts done inside it.
+"""The packed network and its blocks (utils.export): on a float32 CPU input with the kernel at hand,
+each block is one kernel call (utils.deploy.kernel.block), its float parts done inside it.
 
 They are models.reactnet.BasicBlock's float32 operations in its order (move11 before the 3x3 conv's
 sign; the shortcut, move12, PReLU and move13 after it; move21 before the 1x1 convs' sign; their
@@ -7,13 +7,31 @@ shortcut, move22, PReLU and move23 after them), so the values are the same as Ba
 on the packed convs: what changes is that no full-size tensor is made for each of them. Where a
 forward hook is registered on the block's modules (utils.ops counts operations so), or the sizes
 do not fit one call, BasicBlock.forward runs instead, each conv called as a module.
+
+On the CPU the network takes a large batch a few images at a time up to the average pool (the
+stem's and the blocks' values of an image do not depend on the others), so that each image's
+activations stay in the caches; the fc then takes the whole batch, as in the float network.
 """
+import torch
 import torch.nn.modules.module as module_hooks
 
-from models.reactnet import BasicBlock
+from models.reactnet import BasicBlock, ReActNetA
 from utils.deploy import kernel
 
-__all__ = ["PackedBlock"]
+__all__ = ["PackedBlock", "PackedNetwork"]
+
+# Pixels of the input images that go through the convs together: 4 images of 224 x 224.
+CHUNK_PIXELS = 4 * 224 * 224
+
+
+class PackedNetwork(ReActNetA):
+    """ReActNetA of PackedBlocks (utils.export.pack_model, load_packed)."""
+
+    def forward(self, x):
+        images = max(1, CHUNK_PIXELS // (x.shape[2] * x.shape[3]))
+        if x.device.type != "cpu" or len(x) <= images:
+            return super().forward(x)
+        return self.fc(torch.cat([self.features(part) for part in x.split(images)]))
 
 
 class PackedBlock(BasicBlock):

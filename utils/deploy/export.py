@@ -42,7 +42,7 @@ from utils.cli import exit_on_error
 from utils.config import HelpFormatter, Parser
 from utils.data import DataError
 from utils.deploy import kernel
-from utils.deploy.block import PackedBlock
+from utils.deploy.block import PackedBlock, PackedNetwork
 
 __all__ = [
     "VERSION", "popcount", "pack_bits", "PackedBinaryConv2d", "pack_model", "load_step2", "export",
@@ -181,7 +181,9 @@ class PackedBinaryConv2d(nn.Module):
 def _swap(model: nn.Module, make) -> nn.Module:
     """Replace each block's binary conv by `make(block, conv name, bn name)` and its BatchNorm by
     Identity: the block's forward then runs the packed conv in their place (PackedBlock: the same
-    modules and names, its float parts fused into the kernel's calls where it runs)."""
+    modules and names, its float parts fused into the kernel's calls where it runs), and the
+    network a PackedNetwork."""
+    model.__class__ = PackedNetwork
     for block in model.modules():
         if isinstance(block, BasicBlock):
             block.__class__ = PackedBlock
