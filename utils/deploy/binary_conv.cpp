@@ -123,8 +123,13 @@ class Pool {
         for (int spins = 0; finished_.load(std::memory_order_acquire) != chunks; ++spins)
             spins < 2000 ? BC_PAUSE() : std::this_thread::yield();
         const auto end = Clock::now();
-        if (end - mine > std::max<Clock::duration>(std::chrono::microseconds(200), (mine - start) / 2))
-            alone_until_ = end + std::chrono::milliseconds(20);
+        if (end - mine > std::max<Clock::duration>(std::chrono::microseconds(200), (mine - start) / 2)) {
+            alone_until_ = end + alone_for_;  // and again twice as long, up to a second, while it lasts
+            alone_for_ = std::min<Clock::duration>(2 * alone_for_, std::chrono::seconds(1));
+            calm_ = 0;
+        } else if (++calm_ == 100) {
+            alone_for_ = std::chrono::milliseconds(10);
+        }
         busy_.unlock();
     }
 
@@ -166,7 +171,9 @@ class Pool {
 
     std::mutex busy_;  // one step at a time; a second caller meanwhile works alone
     int helpers_ = 0;
-    Clock::time_point alone_until_{};
+    Clock::time_point alone_until_{};  // the caller works alone until then: helpers were held back
+    Clock::duration alone_for_ = std::chrono::milliseconds(10);
+    int calm_ = 0;  // steps in a row without a long wait
     void (*fn_)(const void*, int64_t) = nullptr;
     const void* ctx_ = nullptr;
     alignas(64) std::atomic<uint64_t> state_{0};  // (chunks << 32) | next chunk

@@ -10,7 +10,11 @@ do not fit one call, BasicBlock.forward runs instead, each conv called as a modu
 
 On the CPU the network takes a large batch a few images at a time up to the average pool (the
 stem's and the blocks' values of an image do not depend on the others), so that each image's
-activations stay in the caches; the fc then takes the whole batch, as in the float network.
+activations stay in the caches; the fc then takes the whole batch, as in the float network. With
+the kernel, PyTorch's own operations (the stem, the pool, the fc) run on the calling thread alone
+and the kernel on torch.get_num_threads() threads of its pool (kernel.own_threads): PyTorch's
+OpenMP threads wait for each other at every operation, many milliseconds each when another
+process holds a core.
 """
 import torch
 import torch.nn.modules.module as module_hooks
@@ -28,10 +32,13 @@ class PackedNetwork(ReActNetA):
     """ReActNetA of PackedBlocks (utils.export.pack_model, load_packed)."""
 
     def forward(self, x):
-        images = max(1, CHUNK_PIXELS // (x.shape[2] * x.shape[3]))
-        if x.device.type != "cpu" or len(x) <= images:
+        if x.device.type != "cpu":
             return super().forward(x)
-        return self.fc(torch.cat([self.features(part) for part in x.split(images)]))
+        with kernel.own_threads(kernel.applies(self.feature[1].binary_3x3, x)):
+            images = max(1, CHUNK_PIXELS // (x.shape[2] * x.shape[3]))
+            if len(x) <= images:
+                return super().forward(x)
+            return self.fc(torch.cat([self.features(part) for part in x.split(images)]))
 
 
 class PackedBlock(BasicBlock):

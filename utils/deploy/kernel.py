@@ -16,6 +16,7 @@ dtypes other than float32.
 Paths: 'avx512-vpopcntdq', 'avx2' or 'scalar', the best the CPU has unless `select` picks one;
 'pure-pytorch' is the modules' own forward.
 """
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PATHS", "PURE", "library", "library_path", "supported", "select", "active", "applies", "fits",
-           "binary_conv", "block"]
+           "own_threads", "binary_conv", "block"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.cpp")
 # -ffp-contract=off: the fused float parts round each operation as PyTorch does (no fused multiply-add
@@ -43,6 +45,7 @@ PURE = "pure-pytorch"
 WORD = 32  # channels per packed word in the kernel
 
 _selected = None  # a name from select(); None: the best path of this CPU
+_threads = threading.local()  # .count: the kernel's threads within own_threads
 _plans = weakref.WeakKeyDictionary()  # module -> (the identity of what it was made from, its plan)
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -220,9 +223,26 @@ def _plan(module, sources, make):
     return cached[1]
 
 
+@contextlib.contextmanager
+def own_threads(enabled: bool = True):
+    """Within it (where `enabled`), on this thread: the kernel runs on the threads torch had, in its
+    own pool, and torch's CPU operations on this thread alone (torch.set_num_threads(1)), restored
+    after."""
+    if not enabled or getattr(_threads, "count", None):
+        yield
+        return
+    _threads.count = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_threads.count)
+        _threads.count = None
+
+
 def _run(args: _Block) -> None:
     lib = library()
-    lib.bc_block(ctypes.byref(args), PATHS.index(active()), torch.get_num_threads())
+    lib.bc_block(ctypes.byref(args), PATHS.index(active()), getattr(_threads, "count", None) or torch.get_num_threads())
 
 
 def _rows(t: torch.Tensor) -> tuple:
