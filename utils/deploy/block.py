@@ -8,9 +8,9 @@ on the packed convs: what changes is that no full-size tensor is made for each o
 forward hook is registered on the block's modules (utils.ops counts operations so), or the sizes
 do not fit one call, BasicBlock.forward runs instead, each conv called as a module.
 
-On the CPU the network takes a large batch a few images at a time up to the average pool (the
-stem's and the blocks' values of an image do not depend on the others), so that each image's
-activations stay in the caches; the fc then takes the whole batch, as in the float network. With
+On the CPU the network takes a large batch a few images at a time up to the average pool, so that
+each image's activations stay in the caches (oneDNN's stem may round an image's values differently
+in another batch size, as it does in the float network); the fc then takes the whole batch. With
 the kernel, PyTorch's own operations (the stem, the pool, the fc) run on the calling thread alone
 and the kernel on torch.get_num_threads() threads of its pool (kernel.own_threads): PyTorch's
 OpenMP threads wait for each other at every operation, many milliseconds each when another

@@ -85,8 +85,8 @@ class _BuildError(Exception):
 
 
 def _build(compiler: list, path: str) -> None:
-    """Compile SOURCE to `path`, atomically (a process that loads it meanwhile sees the old file or
-    the whole new one)."""
+    """Compile SOURCE to `path`, and its digest beside it, atomically (a process that loads it
+    meanwhile sees the old file or the whole new one)."""
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
@@ -99,12 +99,27 @@ def _build(compiler: list, path: str) -> None:
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
             raise _BuildError(next((line for line in lines if "error" in line), lines[0]).strip())
+        with open(temporary, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
         os.replace(temporary, path)
+        with open(temporary, "w") as f:
+            f.write(digest)
+        os.replace(temporary, path + ".sha256")
     except OSError as e:
         raise _BuildError(str(e)) from None
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+def _intact(path: str) -> bool:
+    """Whether `path` is the file a build wrote (its digest beside it): loading a file cut short
+    crashes the process (SIGBUS), it does not raise."""
+    try:
+        with open(path, "rb") as f, open(path + ".sha256") as g:
+            return hashlib.sha256(f.read()).hexdigest() == g.read()
+    except OSError:
+        return False
 
 
 def _load(path: str):
@@ -124,9 +139,9 @@ def library():
     if not compiler or shutil.which(compiler[0]) is None:
         return _fallback(f"no C++ compiler ({os.environ.get('CXX') or 'c++'}) found")
     path = library_path(compiler)
-    for attempt in range(2):  # a file that does not load (damaged) is built again, once
+    for attempt in range(2):  # a damaged file, or one that does not load, is built again, once
         start = time.perf_counter()
-        if attempt or not os.path.exists(path):
+        if attempt or not _intact(path):
             try:
                 _build(compiler, path)
             except _BuildError as e:
