@@ -21,6 +21,7 @@ from tests.test_export import RTOL, logits, max_rel_error, randomize
 from utils import export
 from utils.checkpoint import PACKED_FORMAT
 from utils.deploy import block, kernel
+from utils.deploy.latency import FoldedNetwork
 from utils.export import PackedBinaryConv2d, load_packed, pack_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -286,11 +287,19 @@ def test_a_compiler_command_with_arguments_builds_the_kernel(cache, packed_file,
 
 
 def test_benchmark_gives_speed_ups_and_the_path(paths, capsys):
-    export.main(["--benchmark", "--input-size", "32", "--batch-sizes", "1", "--rounds", "1", "--threads", "1",
-                 "--layers"])
+    export.main(["--benchmark", "--input-size", "32", "--batch-sizes", "1", "--rounds", "1", "--threads", "1", "2",
+                 "--no-compile", "--layers"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("ReActNet-A step 2, 32x32, cpu: ") and "at 1 thread;" in lines[0]
-    assert lines[1].split()[:3] == ["float", "batch", "1"] and lines[2].split()[:3] == ["packed", "batch", "1"]
-    assert lines[2].endswith(f"x)  {kernel.active()}") and lines[3].startswith("largest binary convs alone")
-    assert [line.split()[:2] for line in lines[4:6]] == [["float", "3x3"], ["packed", "3x3"]] and len(lines) == 12
+    assert lines[0].startswith("ReActNet-A step 2, 32x32, cpu: ") and f"packed: path {kernel.active()}" in lines[0]
+    assert "torch 2." in lines[0] and "not compiled (--no-compile)" in lines[1]
+    assert [line.split()[:2] for line in lines[3:5]] == [["1", "1"], ["2", "1"]] and lines[3].endswith("x")
+    assert "packed, 1 thread / 2 threads: " in lines[5] and lines[6].startswith("packed, beside another process")
+    assert "2 threads take " in lines[7] and lines[8].startswith("largest binary convs alone")
+    assert [line.split()[:2] for line in lines[9:11]] == [["float", "3x3"], ["packed", "3x3"]] and len(lines) == 17
 
+
+def test_the_folded_float_network_gives_the_float_logits(step2):
+    model, _, x = step2
+    expected = logits(model, x)
+    actual = logits(FoldedNetwork(model), x)
+    assert max_rel_error(actual, expected) < RTOL and torch.equal(actual.argmax(1), expected.argmax(1))

@@ -123,7 +123,8 @@ class Pool {
         for (int spins = 0; finished_.load(std::memory_order_acquire) != chunks; ++spins)
             spins < 2000 ? BC_PAUSE() : std::this_thread::yield();
         const auto end = Clock::now();
-        if (end - mine > std::max<Clock::duration>(std::chrono::microseconds(200), (mine - start) / 2)) {
+        // Longer than the caller's own share took: working alone would have been as fast.
+        if (end - mine > std::max<Clock::duration>(std::chrono::microseconds(50), mine - start)) {
             alone_until_ = end + alone_for_;  // and again twice as long, up to a second, while it lasts
             alone_for_ = std::min<Clock::duration>(2 * alone_for_, std::chrono::seconds(1));
             calm_ = 0;
