@@ -101,6 +101,7 @@ def _build(compiler: list, path: str) -> None:
             raise _BuildError(next((line for line in lines if "error" in line), lines[0]).strip())
         with open(temporary, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would keep it from others sharing the folder
         os.replace(temporary, path)
         with open(temporary, "w") as f:
             f.write(digest)
