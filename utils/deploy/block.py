@@ -52,4 +52,4 @@ class PackedBlock(BasicBlock):
     def _hooked(self) -> bool:
         """Whether a forward hook would see this block's modules."""
         return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in self.children())
+            m._forward_hooks or m._forward_pre_hooks for m in self._modules.values())

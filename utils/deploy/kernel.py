@@ -130,6 +130,7 @@ def _load(path: str):
     lib.bc_block.restype = None
     lib.bc_tap_ones.argtypes = [ctypes.POINTER(_Conv), _ptr]
     lib.bc_tap_ones.restype = None
+    lib.best = lib.bc_supported().bit_length() - 1  # the best path this CPU runs
     return lib
 
 
@@ -178,14 +179,14 @@ def select(name=None) -> None:
 
 def active() -> str:
     """The path a float32 CPU input takes now."""
-    paths = supported()
-    return _selected or (paths[-1] if paths else PURE)
+    lib = library()
+    return _selected or (PATHS[lib.best] if lib is not None else PURE)
 
 
 def applies(module, u: torch.Tensor) -> bool:
     """Whether the kernel runs PackedBinaryConv2d `module` on `u`: float32 on the CPU, with the kernel
     at hand."""
-    return u.device.type == "cpu" and u.dtype == module.scale.dtype == torch.float32 and active() != PURE
+    return u.device.type == "cpu" and u.dtype == module._buffers["scale"].dtype == torch.float32 and active() != PURE
 
 
 def _identity(tensors) -> tuple:
@@ -322,10 +323,10 @@ def block(b, x: torch.Tensor) -> torch.Tensor:
     n, channels, h, w = x.shape
     if channels != b.inplanes:
         raise ValueError(f"{type(b).__name__} of {b.inplanes} channels got an input of {channels}")
-    convs = [m for m in b.children() if hasattr(m, "weight_bits")]
-    sources = [t for m in convs for t in (m.weight_bits, m.scale, m.shift, m.zero_weights)]
-    sources += [m.bias for m in (b.move11, b.move12, b.move13, b.move21, b.move22, b.move23)]
-    args, keep = _plan(b, sources + [b.prelu1.weight, b.prelu2.weight], lambda: _block_plan(b))
+    # Every tensor the plan is made from (read from the modules' dicts: nn.Module.__getattr__ is slow).
+    modules = b._modules
+    sources = [t for m in modules.values() for t in (*m._parameters.values(), *m._buffers.values())]
+    args, keep = _plan(b, sources, lambda: _block_plan(b))
     h_out, w_out = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
     x, x_stride = _rows(x.detach())
     y = torch.empty(n, h_out, w_out, b.planes, dtype=torch.float32)
