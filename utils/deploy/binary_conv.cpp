@@ -24,8 +24,9 @@
 // Threads: a pool of its own. Each step (packing, each conv) is cut into chunks of pixels that the
 // calling thread and the helpers take from one atomic counter; the caller never waits for a helper
 // to start, only for a chunk a helper has taken to end, so a helper the OS holds back (another
-// process on the core) costs little, and when the waits for helpers grow long the caller works
-// alone for a while. Helpers spin briefly between steps, then sleep.
+// process on the core) costs little; and where a step took nearly as long as the caller would have
+// alone, it works alone for a while (twice as long each time, half as long after 200 steps that
+// paid). Helpers spin briefly between steps, then sleep.
 //
 // Paths, chosen per call by the caller from bc_supported(): 0 scalar (hardware popcnt where the CPU
 // has it), 1 AVX2 (popcount by nibble lookup, Mula et al.), 2 AVX-512 VPOPCNTDQ.
@@ -117,19 +118,19 @@ class Pool {
         generation_.fetch_add(1, std::memory_order_seq_cst);
         generation_.notify_all();
         const auto start = Clock::now();
-        work();
+        const int64_t done = work();
         // Only the chunks helpers took are left; a long wait means the helpers share their cores.
         const auto mine = Clock::now();
         for (int spins = 0; finished_.load(std::memory_order_acquire) != chunks; ++spins)
             spins < 2000 ? BC_PAUSE() : std::this_thread::yield();
         const auto end = Clock::now();
-        // Longer than the caller's own share took: working alone would have been as fast.
-        if (end - mine > std::max<Clock::duration>(std::chrono::microseconds(50), mine - start)) {
+        // Nearly as long as the caller alone would have taken, at its own pace: helpers did not pay.
+        if (done && end - mine > std::chrono::microseconds(20) && (end - start) * 10 * done > (mine - start) * 9 * chunks) {
             alone_until_ = end + alone_for_;  // and again twice as long, up to a second, while it lasts
             alone_for_ = std::min<Clock::duration>(2 * alone_for_, std::chrono::seconds(1));
             calm_ = 0;
-        } else if (++calm_ == 100) {
-            alone_for_ = std::chrono::milliseconds(10);
+        } else if (++calm_ % 200 == 0) {
+            alone_for_ = std::max<Clock::duration>(alone_for_ / 2, std::chrono::milliseconds(10));
         }
         busy_.unlock();
     }
@@ -149,11 +150,13 @@ class Pool {
 
     // Chunks of the current step until none is left. fn_ and ctx_ are read only after a claim: the
     // step cannot end before that chunk does, so they are this step's.
-    void work() {
-        for (int64_t c; claim(c);) {
+    int64_t work() {
+        int64_t done = 0;
+        for (int64_t c; claim(c); ++done) {
             fn_(ctx_, c);
             finished_.fetch_add(1, std::memory_order_release);
         }
+        return done;
     }
 
     void help(int index) {
@@ -166,7 +169,7 @@ class Pool {
                     generation_.wait(seen, std::memory_order_acquire);
             }
             seen = generation_.load(std::memory_order_acquire);
-            if (index < wanted_.load(std::memory_order_relaxed)) work();
+            if (index < wanted_.load(std::memory_order_relaxed)) (void)work();
         }
     }
 
@@ -174,7 +177,7 @@ class Pool {
     int helpers_ = 0;
     Clock::time_point alone_until_{};  // the caller works alone until then: helpers were held back
     Clock::duration alone_for_ = std::chrono::milliseconds(10);
-    int calm_ = 0;  // steps in a row without a long wait
+    int64_t calm_ = 0;  // steps in a row that paid
     void (*fn_)(const void*, int64_t) = nullptr;
     const void* ctx_ = nullptr;
     alignas(64) std::atomic<uint64_t> state_{0};  // (chunks << 32) | next chunk
