@@ -148,9 +148,11 @@ def test_threads_calling_the_kernel_at_once_get_their_own_logits(paths, step2):
     _, packed, x = step2
     inputs = [x, x.flip(0), x * 2]
     expected = [logits(packed, v) for v in inputs]
+    threads = torch.get_num_threads()
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda v: logits(packed, v), inputs * 4))
     assert all(torch.equal(r, e) for r, e in zip(results, expected * 4))
+    assert torch.get_num_threads() == threads  # torch's setting as it was
 
 
 @pytest.mark.parametrize("size", [(48, 48), (64, 48)])

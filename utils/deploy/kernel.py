@@ -45,7 +45,8 @@ PURE = "pure-pytorch"
 WORD = 32  # channels per packed word in the kernel
 
 _selected = None  # a name from select(); None: the best path of this CPU
-_threads = threading.local()  # .count: the kernel's threads within own_threads
+_own = {"depth": 0, "threads": 1}  # own_threads: how many are within it, torch's threads before it
+_own_lock = threading.Lock()
 _plans = weakref.WeakKeyDictionary()  # module -> (the identity of what it was made from, its plan)
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
@@ -242,24 +243,30 @@ def _plan(module, sources, make):
 
 @contextlib.contextmanager
 def own_threads(enabled: bool = True):
-    """Within it (where `enabled`), on this thread: the kernel runs on the threads torch had, in its
-    own pool, and torch's CPU operations on this thread alone (torch.set_num_threads(1)), restored
-    after."""
-    if not enabled or getattr(_threads, "count", None):
+    """Within it (where `enabled`): the kernel runs on the threads torch had, in its own pool, and
+    torch's CPU operations on the calling thread alone (torch.set_num_threads(1), a setting of the
+    process: restored when the last thread within it leaves)."""
+    if not enabled:
         yield
         return
-    _threads.count = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _own_lock:
+        if _own["depth"] == 0:
+            _own["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _own["depth"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(_threads.count)
-        _threads.count = None
+        with _own_lock:
+            _own["depth"] -= 1
+            if _own["depth"] == 0:
+                torch.set_num_threads(_own["threads"])
 
 
 def _run(args: _Block) -> None:
     lib = library()
-    lib.bc_block(ctypes.byref(args), PATHS.index(active()), getattr(_threads, "count", None) or torch.get_num_threads())
+    threads = _own["threads"] if _own["depth"] else torch.get_num_threads()
+    lib.bc_block(ctypes.byref(args), PATHS.index(active()), threads)
 
 
 def _rows(t: torch.Tensor) -> tuple:
