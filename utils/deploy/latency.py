@@ -28,6 +28,9 @@ from utils.deploy.export import PackedBinaryConv2d, load_step2, pack_model
 
 __all__ = ["FoldedNetwork", "benchmark", "under_load", "layer_benchmark", "run"]
 
+# Seconds idle before each timed call: PyTorch's OpenMP threads spin for milliseconds after an
+# operation, and would take a core from the next call (the packed network's threads above all).
+REST = 0.05
 # The other process of the under-load case: 2-thread float matrix products, for at most 10 minutes.
 LOAD = ("import time, torch\ntorch.set_num_threads(2)\na = torch.randn(1024, 1024)\nend = time.time() + 600\n"
         "while time.time() < end:\n    a @ a\n")
@@ -93,12 +96,13 @@ class FoldedNetwork(nn.Module):
 def _medians(calls, rounds: int, device, seconds: float = 0.0) -> list:
     """Median seconds of each of `calls` over `rounds` rounds after a warm-up round, or more rounds
     (at most 100) where they take less than about `seconds` in all; within a round the calls
-    alternate, so that a change of load hits them alike."""
+    alternate, so that a change of load hits them alike, each after REST seconds idle."""
     def one_round():
         spent = []
         for call in calls:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            time.sleep(REST)
             start = time.perf_counter()
             call()
             if device.type == "cuda":
@@ -108,7 +112,7 @@ def _medians(calls, rounds: int, device, seconds: float = 0.0) -> list:
 
     with torch.no_grad():
         warm_up = one_round()
-        rounds = max(rounds, min(100, int(seconds / sum(warm_up))))
+        rounds = max(rounds, min(100, int(seconds / (sum(warm_up) + REST * len(calls)))))
         times = [one_round() for _ in range(rounds)]
     return [statistics.median(column) for column in zip(*times)]
 
