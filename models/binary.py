@@ -95,9 +95,9 @@ def _pair(v):
 
 def _prelu_forward(z, slope):
     """prelu(z) = z where z > 0 else slope * z, in the dtype torch.where(z > 0, z, z * slope) has."""
-    if z.dtype == slope.dtype:
+    if z.dtype == slope.dtype and not torch.onnx.is_in_onnx_export():
         # One pass, the same values as the torch.where form. (The kernel, not torch.prelu, which
-        # autocast would run in bfloat16.)
+        # autocast would run in bfloat16; the TorchScript ONNX exporter knows only the where form.)
         return torch.ops.aten._prelu_kernel(z, slope.view(1, -1, 1, 1))
     return torch.where(z > 0, z, z * slope.view(1, -1, 1, 1))
 

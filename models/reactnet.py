@@ -96,9 +96,13 @@ class ReActNetA(nn.Module):
         self.fc = nn.Linear(STAGE_WIDTHS[-1], num_classes)
 
     def forward(self, x):
+        return self.fc(self.features(x))
+
+    def features(self, x):
+        """The pooled features of x, the fc's input: [n, 1024]."""
         for layer in self.feature:
             x = layer(x)
-        return self.fc(torch.flatten(self.pool1(x), 1))
+        return torch.flatten(self.pool1(x), 1)
 
 
 def reactnet_a(binary_weights: bool = True, num_classes: int = 1000) -> ReActNetA:

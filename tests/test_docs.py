@@ -168,7 +168,8 @@ def check(where, env, words, files, capsys, tmp_path):
     if (args := module_args(words, "utils.export")) is not None:
         args = substituted(args, files, out=str(tmp_path / "out.pt"))
         if "--benchmark" in args:
-            args += ["--input-size", "32", "--batch-sizes", "1", "--rounds", "1", "--threads", "1"]
+            args += ["--input-size", "32", "--batch-sizes", "1", "--rounds", "1", "--threads", "1", "--no-compile",
+                     "--no-load"]
         export.main(args)
         return "run"
     if (args := module_args(words, "utils.ops")) is not None:

@@ -4,8 +4,8 @@ file and its kernel are utils/deploy/'s (packed.py, kernel.py, block.py; latency
 
     python -m utils.export --checkpoint step2/output/model_best.pth.tar --out reactnet_a_1bit.pt
     python -m utils.export --checkpoint CKPT --out FILE --verify DIR [--input-size 32]
-    python -m utils.export --benchmark [--checkpoint CKPT] [--input-size 224] [--batch-sizes 1 64]
-                           [--threads 1 N] [--rounds 5] [--kernel PATH] [--no-layers]
+    python -m utils.export --benchmark [--checkpoint CKPT] [--input-size 224] [--batch-sizes 1 8 64]
+                           [--threads 1 N] [--rounds 5] [--kernel PATH] [--no-compile] [--no-load] [--no-layers]
 
 Every long flag is accepted with '-' or '_' between its words (utils/cli.py).
 """
@@ -37,9 +37,14 @@ def get_parser() -> Parser:
                         "--benchmark: default 224)")
     p.add_argument("--benchmark", action="store_true",
                    help="time the float and packed models (weights of --checkpoint, else random)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="--benchmark batch sizes")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64], help="--benchmark batch sizes")
     p.add_argument("--rounds", type=int, default=5,
                    help="--benchmark: timed rounds, float and packed alternating (median)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="--benchmark: compile the best float network (torch.compile, a minute or two)")
+    p.add_argument("--load", action=argparse.BooleanOptionalAction, default=True,
+                   help="--benchmark: also time the packed network at 1 and 2 threads beside a process "
+                        "multiplying matrices on 2 threads")
     p.add_argument("--device", default="cpu", help="--benchmark device")
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="torch CPU threads (default: torch's); --benchmark times each (default: 1 and torch's)")

@@ -1,28 +1,42 @@
-// The binary convolutions of the packed ReActNet-A (utils.export) on the CPU, in plain C++ (no torch
+// The binary convs of the packed ReActNet-A (utils.export) on the CPU, in plain C++ (no torch
 // headers: it compiles in seconds), called through ctypes by utils/deploy/kernel.py.
 //
-// Activations are packed per pixel, channels last, into two bit-planes per 64 channels:
-// m (nonzero) and p (positive), in `planes` [n][h + 2 pad][w + 2 pad][words][2] with a zero border,
-// so a padded tap has m = 0 and contributes nothing. A conv output is
+// Activations are packed per pixel, channels last, 32 channels to an int32 word, as two bit-planes:
+// m (nonzero) and p (positive), a pixel's m words then its p words, with a zero border: a padded
+// tap has m = 0 and contributes nothing. A conv output is
 //     s = popcount(m) - 2 popcount(m & (p xor q))   over its taps' words,
 // q the weight sign bits, plus the exact correction for the weights that are exactly 0; then
 // y = fma(float(s), scale, shift), one rounding, as torch.addcmul on the CPU.
 //
-// A call can also do a block's float parts (models.reactnet.BasicBlock): the bias added before the
-// sign, and y = prelu(y + residual + bias, slope) + bias_out, and pack sign(y + next_bias) for the
-// next 1x1 conv; each is the same float32 operation, in the same order, as PyTorch's (built with
-// -ffp-contract=off: no multiply-add is fused that PyTorch rounds twice), so the values are the same.
+// bc_block runs a whole models.reactnet.BasicBlock in one call: sign(x + bias) packed, the 3x3
+// conv, the shortcut (x, or its 2x2 average as nn.AvgPool2d computes it), the bias, PReLU and bias
+// after it, sign(. + bias) packed in registers for the 1x1 conv(s), and their float parts. Each
+// float part is the same float32 operation, in the same order, as PyTorch's (built with
+// -ffp-contract=off: no multiply-add is fused that PyTorch rounds twice), so the values are the
+// same as BasicBlock.forward's. Images go through a block a few at a time, so that the packed
+// planes and the float intermediate stay in the caches. A lone conv is a block without the rest.
 //
-// Weights come in blocks of OB output channels, [out / OB][taps * words][OB]: one word of one tap
-// for OB consecutive outputs is contiguous, so a vector of outputs is one load and each input word
-// is broadcast (no horizontal sums). Each path is register-blocked over R output pixels x OB
-// outputs and runs in parallel over blocks of pixels with OpenMP (torch's own runtime: libgomp.so.1
-// is already loaded by torch).
+// Weights come in blocks of B = 32 or 64 output channels, [out / B][taps * words][B]: one word of
+// one tap for B consecutive outputs is contiguous, so a vector of outputs is one load and each
+// input word is broadcast (no horizontal sums). Each path is register-blocked over R output pixels
+// x B outputs (AVX-512: 4 pixels x 64 outputs, 16 accumulators).
+//
+// Threads: a pool of its own. Each step (packing, each conv) is cut into chunks of pixels that the
+// calling thread and the helpers take from one atomic counter; the caller never waits for a helper
+// to start, only for a chunk a helper has taken to end, so a helper the OS holds back (another
+// process on the core) costs little; and where a step took nearly as long as the caller would have
+// alone, it works alone for a while (twice as long each time, half as long after 200 steps that
+// paid). Helpers spin briefly between steps, then sleep.
 //
 // Paths, chosen per call by the caller from bc_supported(): 0 scalar (hardware popcnt where the CPU
 // has it), 1 AVX2 (popcount by nibble lookup, Mula et al.), 2 AVX-512 VPOPCNTDQ.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -30,385 +44,697 @@
 #define BC_X86 1
 #define BC_TARGET(t) __attribute__((target(t)))
 #define BC_SCALAR_CLONES __attribute__((target_clones("popcnt", "default")))
+#define BC_PAUSE() _mm_pause()
 #else
 #define BC_X86 0
 #define BC_TARGET(t)
 #define BC_SCALAR_CLONES
+#define BC_PAUSE() std::this_thread::yield()
 #endif
 #define BC_INLINE inline __attribute__((always_inline))
 #define BC_AVX512 "avx512f,avx512dq,avx512vl,avx512bw,avx512vpopcntdq,fma,popcnt"
 
 extern "C" {
-// One conv call; _ConvArgs in utils/deploy/kernel.py mirrors it field by field. Null pointers skip
-// the float parts.
-struct bc_conv_args {
-    const int64_t* planes;  // [n][hp][wp][words][2]
-    int64_t n, hp, wp, words, k, stride, ho, wo;
-    const int64_t* weights;  // [out / OB][k * k * words][OB]
-    int64_t out;
-    const float* scale;   // [out rounded up to OB]
+// One binary conv, its weights blocked; _Conv in utils/deploy/kernel.py mirrors it field by field.
+struct bc_conv {
+    int64_t k, stride, in, out, block;  // block: output channels per weight block, 32 or 64
+    const int32_t* weights;             // [out / block][k * k * words][block], words = ceil(in / 32)
+    const float* scale;                 // [out rounded up to block] each
     const float* shift;
-    const int64_t* zeros;  // [nzeros][2]: (output channel, bit index in its weight row)
-    int64_t nzeros;
-    const float* residual;  // [pixels][residual_stride], its first `out` channels
-    int64_t residual_stride;
-    const float* bias;  // [out] each
-    const float* slope;
-    const float* bias_out;
-    float* y;  // [pixels][y_stride], its first `out` channels
-    int64_t y_stride;
-    const float* next_bias;  // with next_planes: sign(y + next_bias) packed into
-    int64_t* next_planes;    // [pixels][words of out][2]
+    const int32_t* zeros;       // [nzeros][3]: (output channel, word of its row: tap * words + word, bit)
+    const int64_t* zero_start;  // [blocks + 1]: block b's zeros are [zero_start[b], zero_start[b + 1])
+    const int32_t* tap_ones;    // [blocks][k * k][block]: set bits of each tap's weights (bc_tap_ones)
 };
+
+// One block (or a lone conv: b.out = 0, no residual, null float parts); _Block in kernel.py.
+struct bc_block_args {
+    const float* x;  // [n][h][w][x_stride], its first a.in channels
+    int64_t n, h, w, x_stride;
+    const float* input_bias;  // sign(x + input_bias) is a's input
+    bc_conv a;
+    int64_t residual;  // add x (stride 1) or its 2x2 average (stride 2) to a's output
+    const float *bias1, *slope1, *bias_out1;  // then + bias1, prelu(slope1), + bias_out1
+    const float* next_bias;                   // b's input: sign(a's output + next_bias)
+    bc_conv b;                                // the 1x1 conv(s); out = 0: none
+    const float *bias2, *slope2, *bias_out2;  // b's output + a's output (channel o % a.out), then these
+    float* y;  // [n][ho][wo][y_stride]: b's output, else a's
+    int64_t y_stride;
+};
+// Every float vector above (bias1 ... bias_out2) has its conv's out rounded up to its block; null:
+// skipped.
 }
 
 namespace {
 
-constexpr int OB = 32;  // output channels per weight block; utils/deploy/kernel.py pads to it
+int64_t words_of(int64_t channels) { return (channels + 31) / 32; }
 
-struct Conv : bc_conv_args {
-    std::vector<int64_t> taps;  // offset of each tap (dy, dx) from a pixel's first word, in words
-    int64_t blocks, pixels, next_words;
+// ---- the pool ----
+
+class Pool {
+   public:
+    static Pool& get() {
+        static Pool* pool = new Pool;  // never destroyed: its threads live as long as the process
+        return *pool;
+    }
+
+    // body(c) for c in [0, chunks), on up to `threads` threads, the caller one of them.
+    template <class F>
+    void run(int threads, int64_t chunks, const F& body) {
+        if (threads <= 1 || chunks <= 1 || !busy_.try_lock()) {
+            for (int64_t c = 0; c < chunks; ++c) body(c);
+            return;
+        }
+        if (Clock::now() < alone_until_) {
+            busy_.unlock();
+            for (int64_t c = 0; c < chunks; ++c) body(c);
+            return;
+        }
+        for (; helpers_ < threads - 1; ++helpers_) std::thread(&Pool::help, this, helpers_).detach();
+        fn_ = [](const void* f, int64_t c) { (*static_cast<const F*>(f))(c); };
+        ctx_ = &body;
+        finished_.store(0, std::memory_order_relaxed);
+        wanted_.store(threads - 1, std::memory_order_relaxed);
+        state_.store((uint64_t)chunks << 32, std::memory_order_release);
+        generation_.fetch_add(1, std::memory_order_seq_cst);
+        generation_.notify_all();
+        const auto start = Clock::now();
+        const int64_t done = work();
+        // Only the chunks helpers took are left; a long wait means the helpers share their cores.
+        const auto mine = Clock::now();
+        for (int spins = 0; finished_.load(std::memory_order_acquire) != chunks; ++spins)
+            spins < 2000 ? BC_PAUSE() : std::this_thread::yield();
+        const auto end = Clock::now();
+        // Nearly as long as the caller alone would have taken, at its own pace: helpers did not pay.
+        if (done && end - mine > std::chrono::microseconds(20) && (end - start) * 10 * done > (mine - start) * 9 * chunks) {
+            alone_until_ = end + alone_for_;  // and again twice as long, up to a second, while it lasts
+            alone_for_ = std::min<Clock::duration>(2 * alone_for_, std::chrono::seconds(1));
+            calm_ = 0;
+        } else if (++calm_ % 200 == 0) {
+            alone_for_ = std::max<Clock::duration>(alone_for_ / 2, std::chrono::milliseconds(10));
+        }
+        busy_.unlock();
+    }
+
+   private:
+    using Clock = std::chrono::steady_clock;
+
+    bool claim(int64_t& chunk) {
+        uint64_t s = state_.load(std::memory_order_acquire);
+        while ((uint32_t)s < (uint32_t)(s >> 32))
+            if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+                chunk = (uint32_t)s;
+                return true;
+            }
+        return false;
+    }
+
+    // Chunks of the current step until none is left. fn_ and ctx_ are read only after a claim: the
+    // step cannot end before that chunk does, so they are this step's.
+    int64_t work() {
+        int64_t done = 0;
+        for (int64_t c; claim(c); ++done) {
+            fn_(ctx_, c);
+            finished_.fetch_add(1, std::memory_order_release);
+        }
+        return done;
+    }
+
+    void help(int index) {
+        uint32_t seen = generation_.load(std::memory_order_acquire);
+        for (;;) {
+            const auto start = Clock::now();
+            for (int spins = 0; generation_.load(std::memory_order_acquire) == seen; ++spins) {
+                BC_PAUSE();
+                if (spins % 64 == 63 && Clock::now() - start > std::chrono::microseconds(300))
+                    generation_.wait(seen, std::memory_order_acquire);
+            }
+            seen = generation_.load(std::memory_order_acquire);
+            if (index < wanted_.load(std::memory_order_relaxed)) (void)work();
+        }
+    }
+
+    std::mutex busy_;  // one step at a time; a second caller meanwhile works alone
+    int helpers_ = 0;
+    Clock::time_point alone_until_{};  // the caller works alone until then: helpers were held back
+    Clock::duration alone_for_ = std::chrono::milliseconds(10);
+    int64_t calm_ = 0;  // steps in a row that paid
+    void (*fn_)(const void*, int64_t) = nullptr;
+    const void* ctx_ = nullptr;
+    alignas(64) std::atomic<uint64_t> state_{0};  // (chunks << 32) | next chunk
+    alignas(64) std::atomic<int64_t> finished_{0};
+    alignas(64) std::atomic<uint32_t> generation_{0};
+    std::atomic<int> wanted_{0};
 };
+
+// body(first, last) over [0, total) in chunks of a multiple of `step` items, each at least
+// `min_items` and small enough to share out unevenly.
+template <class F>
+void parallel(int threads, int64_t total, int64_t min_items, int64_t step, const F& body) {
+    int64_t grain = std::max(min_items, total / (8 * std::max(threads, 1)));
+    grain = (grain + step - 1) / step * step;
+    const int64_t chunks = (total + grain - 1) / grain;
+    Pool::get().run(threads, chunks, [&](int64_t c) { body(c * grain, std::min(total, (c + 1) * grain)); });
+}
 
 // ---- packing: m = u + bias != 0 (NaN too, as in the pure path), p = u + bias > 0 ----
 
-// One pixel's channels -> its words (m, p); not inlined across targets, so callable from any path.
-using PackPixel = void (*)(const float* u, const float* bias, int64_t channels, int64_t* out);
+// One pixel's channels -> its m words then its p words; whether a channel is exactly 0 (m not full).
+using PackPixel = bool (*)(const float* u, const float* bias, int64_t channels, int32_t* out);
 
-void pack_pixel_scalar(const float* u, const float* bias, int64_t channels, int64_t* out) {
-    for (int64_t w = 0; w < (channels + 63) / 64; ++w) {
-        uint64_t m = 0, p = 0;
-        const int64_t n = std::min<int64_t>(64, channels - 64 * w);
-        for (int64_t i = 0; i < n; ++i) {
-            const float v = bias ? u[64 * w + i] + bias[64 * w + i] : u[64 * w + i];
-            m |= (uint64_t)(v != 0) << i;
-            p |= (uint64_t)(v > 0) << i;
+BC_INLINE uint32_t full_word(int64_t channels, int64_t w) {
+    return channels - 32 * w >= 32 ? ~0u : (1u << (channels - 32 * w)) - 1;
+}
+
+bool pack_pixel_scalar(const float* u, const float* bias, int64_t channels, int32_t* out) {
+    const int64_t words = words_of(channels);
+    bool zero = false;
+    for (int64_t w = 0; w < words; ++w) {
+        uint32_t m = 0, p = 0;
+        for (int64_t i = 0; i < std::min<int64_t>(32, channels - 32 * w); ++i) {
+            const float v = bias ? u[32 * w + i] + bias[32 * w + i] : u[32 * w + i];
+            m |= (uint32_t)(v != 0) << i;
+            p |= (uint32_t)(v > 0) << i;
         }
-        out[2 * w] = (int64_t)m;
-        out[2 * w + 1] = (int64_t)p;
+        out[w] = (int32_t)m;
+        out[words + w] = (int32_t)p;
+        zero |= m != full_word(channels, w);
     }
+    return zero;
 }
 
 #if BC_X86
-BC_TARGET("avx2") void pack_pixel_avx2(const float* u, const float* bias, int64_t channels, int64_t* out) {
+BC_TARGET("avx2") bool pack_pixel_avx2(const float* u, const float* bias, int64_t channels, int32_t* out) {
     if (channels % 8) return pack_pixel_scalar(u, bias, channels, out);
+    const int64_t words = words_of(channels);
     const __m256 zero = _mm256_setzero_ps();
-    for (int64_t w = 0; w < (channels + 63) / 64; ++w) {
-        uint64_t m = 0, p = 0;
-        for (int g = 0; g < 8 && 64 * w + 8 * g < channels; ++g) {
-            const int64_t i = 64 * w + 8 * g;
+    bool any = false;
+    for (int64_t w = 0; w < words; ++w) {
+        uint32_t m = 0, p = 0;
+        for (int g = 0; g < 4 && 32 * w + 8 * g < channels; ++g) {
+            const int64_t i = 32 * w + 8 * g;
             __m256 v = _mm256_loadu_ps(u + i);
             if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + i));
-            m |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) << (8 * g);
-            p |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)) << (8 * g);
+            m |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)) << (8 * g);
+            p |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)) << (8 * g);
         }
-        out[2 * w] = (int64_t)m;
-        out[2 * w + 1] = (int64_t)p;
+        out[w] = (int32_t)m;
+        out[words + w] = (int32_t)p;
+        any |= m != full_word(channels, w);
     }
+    return any;
 }
 
-BC_TARGET(BC_AVX512) void pack_pixel_avx512(const float* u, const float* bias, int64_t channels, int64_t* out) {
+BC_TARGET(BC_AVX512) bool pack_pixel_avx512(const float* u, const float* bias, int64_t channels, int32_t* out) {
+    const int64_t words = words_of(channels);
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t w = 0; w < (channels + 63) / 64; ++w) {
-        uint64_t m = 0, p = 0;
-        for (int g = 0; g < 4; ++g) {
-            const int64_t i = 64 * w + 16 * g, n = channels - i;
+    bool any = false;
+    for (int64_t w = 0; w < words; ++w) {
+        uint32_t m = 0, p = 0;
+        for (int g = 0; g < 2; ++g) {
+            const int64_t i = 32 * w + 16 * g, n = channels - i;
             if (n <= 0) break;
             const __mmask16 valid = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
             __m512 v = _mm512_maskz_loadu_ps(valid, u + i);
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(valid, bias + i));
-            m |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NEQ_UQ) << (16 * g);
-            p |= (uint64_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_GT_OQ) << (16 * g);
+            m |= (uint32_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NEQ_UQ) << (16 * g);
+            p |= (uint32_t)_mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_GT_OQ) << (16 * g);
         }
-        out[2 * w] = (int64_t)m;
-        out[2 * w + 1] = (int64_t)p;
+        out[w] = (int32_t)m;
+        out[words + w] = (int32_t)p;
+        any |= m != full_word(channels, w);
     }
+    return any;
 }
 #endif
 
-// ---- the conv: shared parts ----
+// x [images][h][w][x_stride] -> planes [images][h + 2 pad][w + 2 pad][2 words] with a zero border.
+struct Pack {
+    const float* x;
+    const float* bias;
+    int64_t h, w, x_stride, channels, pad, words;
+    int32_t* planes;
+    mutable std::atomic<bool> zero{false};  // an input exactly 0
+};
 
-BC_INLINE int64_t popcount_m(const Conv& c, const int64_t* px) {
-    int64_t n = 0;
-    for (int64_t off : c.taps)
-        for (int64_t w = 0; w < c.words; ++w) n += __builtin_popcountll((uint64_t)px[off + 2 * w]);
-    return n;
+template <PackPixel pack_pixel>
+void pack_rows(const Pack& p, int64_t first, int64_t last) {
+    bool zero = false;
+    const int64_t hp = p.h + 2 * p.pad, wp = p.w + 2 * p.pad, step = 2 * p.words;
+    for (int64_t i = first; i < last; ++i) {
+        int32_t* dst = p.planes + i * wp * step;
+        const int64_t y = i % hp - p.pad, image = i / hp;
+        if (y < 0 || y >= p.h) {
+            std::fill(dst, dst + wp * step, 0);
+            continue;
+        }
+        std::fill(dst, dst + p.pad * step, 0);
+        std::fill(dst + (p.pad + p.w) * step, dst + wp * step, 0);
+        const float* src = p.x + (image * p.h + y) * p.w * p.x_stride;
+        for (int64_t x = 0; x < p.w; ++x)
+            zero |= pack_pixel(src + x * p.x_stride, p.bias, p.channels, dst + (p.pad + x) * step);
+    }
+    if (zero) p.zero.store(true, std::memory_order_relaxed);
 }
 
-// Weights exactly 0 were packed as -1: add back what they took, sign(input) at their bit.
-BC_INLINE void correct_zero_weights(const Conv& c, const int64_t* px, int64_t block, int64_t* s) {
-    for (int64_t z = 0; z < c.nzeros; ++z) {
-        const int64_t o = c.zeros[2 * z] - block * OB, bit = c.zeros[2 * z + 1];
-        if (o < 0 || o >= OB) continue;
-        const int64_t tap = bit / (c.words * 64), word = bit / 64 % c.words, shift = bit % 64;
-        const int64_t* a = px + c.taps[tap] + 2 * word;
-        const int64_t m = (a[0] >> shift) & 1, p = (a[1] >> shift) & 1;
+// ---- the conv: shared parts ----
+
+// One conv over the pixels of a few images, and the float parts after it.
+struct Stage {
+    const bc_conv* conv;
+    int64_t words, blocks, taps;  // words per tap and pixel; `taps` = k * k
+    const int32_t* planes;        // [images][hp][wp][2 words]
+    int64_t hp, wp, ho, wo, pixels;
+    std::vector<int32_t> offsets;  // per word of a weight row: its m word's offset from the pixel's first
+    bool zeros = true;             // the input may hold a value exactly 0 (m not full off the border)
+    // The float parts: y = fma(s, scale, shift), + residual, + bias, prelu(slope), + bias_out; then
+    // sign(y + next_bias) packed into `next` [pixels][2 next_words].
+    int pool = 0;  // residual: 0 none, 1 `res` at the pixel (channel o % res_channels), 2 the 2x2 average of `res`
+    const float* res = nullptr;
+    int64_t res_stride = 0, res_channels = 1, h = 0, w = 0, ph = 0, pw = 0;  // pool 2: res's size, pooled size
+    const float *bias = nullptr, *slope = nullptr, *bias_out = nullptr, *next_bias = nullptr;
+    float* y = nullptr;
+    int64_t y_stride = 0;
+    int32_t* next = nullptr;
+    int64_t next_words = 0;
+};
+
+// Where one output pixel's inputs and outputs are.
+struct Pixel {
+    const int32_t* in;  // its packed input at tap (0, 0)
+    int32_t ones;       // popcount(m) over its taps
+    uint32_t padded;    // bit t: tap t is in the zero border
+    bool whole;         // m has every channel of every tap off the border: no input exactly 0
+    const float* res[4];
+    float* y;
+    int32_t* next;
+};
+
+// Walks the output pixels (flat over image, row, column) in order, without a division per pixel.
+struct Cursor {
+    const Stage& st;
+    int64_t i, image, row, col;
+    Cursor(const Stage& stage, int64_t first)
+        : st(stage), i(first), image(first / (stage.ho * stage.wo)), row(first / stage.wo % stage.ho),
+          col(first % stage.wo) {}
+
+    Pixel get() const {
+        const Stage& s = st;
+        const int64_t stride = s.conv->stride;
+        Pixel p;
+        p.in = s.planes + ((image * s.hp + row * stride) * s.wp + col * stride) * 2 * s.words;
+        const int64_t k = s.conv->k, pad = k / 2, y0 = row * stride - pad, x0 = col * stride - pad;
+        p.padded = 0;
+        if (y0 < 0 || y0 + k > s.hp - 2 * pad || x0 < 0 || x0 + k > s.wp - 2 * pad)
+            for (int64_t t = 0; t < s.taps; ++t) {
+                const int64_t y = y0 + t / k, x = x0 + t % k;
+                if (y < 0 || y >= s.hp - 2 * pad || x < 0 || x >= s.wp - 2 * pad) p.padded |= 1u << t;
+            }
+        const int32_t whole = s.conv->in * (s.taps - __builtin_popcount(p.padded));
+        if (s.zeros) {
+            p.ones = 0;
+            for (int64_t t = 0; t < s.taps; ++t)
+                for (int64_t w = 0; w < s.words; ++w) p.ones += __builtin_popcount((uint32_t)p.in[s.offsets[t * s.words + w]]);
+        } else {
+            p.ones = whole;
+        }
+        p.whole = p.ones == whole;
+        if (s.pool == 1) {
+            p.res[0] = s.res + i * s.res_stride;
+        } else if (s.pool == 2) {  // a pooled size of 1 broadcasts, as PyTorch's addition does
+            const int64_t y = 2 * (s.ph == 1 ? 0 : row), x = 2 * (s.pw == 1 ? 0 : col);
+            for (int d = 0; d < 4; ++d) p.res[d] = s.res + ((image * s.h + y + d / 2) * s.w + x + d % 2) * s.res_stride;
+        }
+        p.y = s.y + i * s.y_stride;
+        p.next = s.next ? s.next + i * 2 * s.next_words : nullptr;
+        return p;
+    }
+    void next() {
+        ++i;
+        if (++col < st.wo) return;
+        col = 0;
+        if (++row < st.ho) return;
+        row = 0;
+        ++image;
+    }
+};
+
+// The next R pixels from `at` (past `valid` of them, the last valid one again); advances `at`.
+template <int R>
+BC_INLINE void gather(Cursor& at, int64_t valid, Pixel px[R]) {
+    for (int r = 0; r < R; ++r) {
+        if (r < valid) {
+            px[r] = at.get();
+            at.next();
+        } else {
+            px[r] = px[r - 1];
+        }
+    }
+}
+
+// Weights exactly 0 were packed as -1: add back what they took, sign(input) at their bit, to s of
+// the outputs [base, base + count).
+BC_INLINE void correct_zero_weights(const Stage& st, const Pixel& px, int64_t block, int64_t base, int64_t count,
+                                    int32_t* s) {
+    const bc_conv& c = *st.conv;
+    for (int64_t z = c.zero_start[block]; z < c.zero_start[block + 1]; ++z) {
+        const int64_t o = c.zeros[3 * z] - base;
+        if (o < 0 || o >= count) continue;
+        const int32_t* a = px.in + st.offsets[c.zeros[3 * z + 1]];
+        const int bit = c.zeros[3 * z + 2];
+        const int32_t m = ((uint32_t)a[0] >> bit) & 1, p = ((uint32_t)a[st.words] >> bit) & 1;
         s[o] += m * (2 * p - 1);
     }
 }
 
-// Walks the output pixels (flat over n, ho, wo) in order, without a division per pixel.
-struct Cursor {
-    const Conv& c;
-    int64_t b, y, x;
-    Cursor(const Conv& conv, int64_t i)
-        : c(conv), b(i / (conv.ho * conv.wo)), y(i / conv.wo % conv.ho), x(i % conv.wo) {}
-    // The packed input under the current pixel at tap (0, 0).
-    const int64_t* input() const { return c.planes + ((b * c.hp + y * c.stride) * c.wp + x * c.stride) * c.words * 2; }
-    void next() {
-        if (++x < c.wo) return;
-        x = 0;
-        if (++y < c.ho) return;
-        y = 0;
-        ++b;
-    }
-};
-
-// The inputs of the next R pixels from `at` (past `valid` of them, the last valid one again), and
-// their popcount(m); advances `at`.
-template <int R>
-BC_INLINE void gather(const Conv& c, Cursor& at, int64_t valid, const int64_t* px[R], int64_t pm[R]) {
-    for (int r = 0; r < R; ++r) {
-        if (r < valid) {
-            px[r] = at.input();
-            pm[r] = popcount_m(c, px[r]);
-            at.next();
-        } else {
-            px[r] = px[r - 1];
-            pm[r] = pm[r - 1];
+// The float parts of `count` outputs from `base` of one pixel, from their sums s, one at a time.
+BC_INLINE void finish_scalar(const Stage& st, const Pixel& px, int64_t base, int64_t count, const int32_t* s) {
+    uint32_t m = 0, p = 0;
+    for (int64_t j = 0; j < count; ++j) {
+        const int64_t o = base + j;
+        float v = __builtin_fmaf((float)s[j], st.conv->scale[o], st.conv->shift[o]);
+        if (st.pool == 1) {
+            v = v + px.res[0][o < st.res_channels ? o : o - st.res_channels];  // out <= 2 res_channels
+        } else if (st.pool == 2) {
+            float sum = 0;
+            for (int d = 0; d < 4; ++d) sum += px.res[d][o];
+            v = v + sum * 0.25f;  // = sum / 4 exactly, as nn.AvgPool2d
+        }
+        if (st.bias) v = v + st.bias[o];
+        if (st.slope) v = v > 0 ? v : v * st.slope[o];
+        if (st.bias_out) v = v + st.bias_out[o];
+        px.y[o] = v;
+        if (px.next) {
+            const float t = v + st.next_bias[o];
+            m |= (uint32_t)(t != 0) << (o % 32);
+            p |= (uint32_t)(t > 0) << (o % 32);
+            if (o % 32 == 31 || j == count - 1) {
+                px.next[o / 32] = (int32_t)m;
+                px.next[st.next_words + o / 32] = (int32_t)p;
+                m = p = 0;
+            }
         }
     }
-}
-
-// The outputs of one pixel and block from s: y = fma(s, scale, shift), then the float parts.
-BC_INLINE void finish_scalar(const Conv& c, int64_t pixel, int64_t block, const int64_t* s) {
-    const int64_t base = block * OB, n = std::min<int64_t>(OB, c.out - base);
-    const float* res = c.residual ? c.residual + pixel * c.residual_stride + base : nullptr;
-    float* y = c.y + pixel * c.y_stride + base;
-    for (int64_t o = 0; o < n; ++o) {
-        float v = __builtin_fmaf((float)s[o], c.scale[base + o], c.shift[base + o]);
-        if (res) v = v + res[o];
-        if (c.bias) v = v + c.bias[base + o];
-        if (c.slope) v = v > 0 ? v : v * c.slope[base + o];
-        if (c.bias_out) v = v + c.bias_out[base + o];
-        y[o] = v;
-    }
-}
-
-// Packs sign(y + next_bias) of `count` pixels from `first` (their outputs all written).
-template <PackPixel pack_pixel>
-void pack_next(const Conv& c, int64_t first, int64_t count) {
-    for (int64_t i = first; c.next_planes && i < first + count; ++i)
-        pack_pixel(c.y + i * c.y_stride, c.next_bias, c.out, c.next_planes + i * c.next_words * 2);
 }
 
 // ---- scalar ----
 
-BC_SCALAR_CLONES void conv_rows_scalar(const Conv& c, int64_t first, int64_t last) {
-    const int64_t K = (int64_t)c.taps.size() * c.words;
-    Cursor at(c, first);
+BC_SCALAR_CLONES void conv_scalar(const Stage& st, int64_t first, int64_t last) {
+    const bc_conv& c = *st.conv;
+    const int64_t B = c.block, K = st.taps * st.words;
+    Cursor at(st, first);
+    std::vector<int32_t> acc(B);
     for (int64_t i = first; i < last; ++i) {
-        const int64_t* px[1];
-        int64_t pm[1];
-        gather<1>(c, at, 1, px, pm);
-        for (int64_t b = 0; b < c.blocks; ++b) {
-            int64_t acc[OB] = {0};
-            const int64_t* wq = c.weights + b * K * OB;
-            for (int64_t off : c.taps)
-                for (int64_t w = 0; w < c.words; ++w, wq += OB) {
-                    const uint64_t m = px[0][off + 2 * w], p = px[0][off + 2 * w + 1];
-                    for (int o = 0; o < OB; ++o) acc[o] += __builtin_popcountll((p ^ (uint64_t)wq[o]) & m);
-                }
-            for (int o = 0; o < OB; ++o) acc[o] = pm[0] - 2 * acc[o];
-            correct_zero_weights(c, px[0], b, acc);
-            finish_scalar(c, i, b, acc);
+        Pixel px[1];
+        gather<1>(at, 1, px);
+        for (int64_t b = 0; b < st.blocks; ++b) {
+            std::fill(acc.begin(), acc.end(), 0);
+            const int32_t* wq = c.weights + b * K * B;
+            for (int64_t kk = 0; kk < K; ++kk, wq += B) {
+                const uint32_t m = px[0].in[st.offsets[kk]], p = px[0].in[st.offsets[kk] + st.words];
+                for (int64_t o = 0; o < B; ++o) acc[o] += __builtin_popcount((p ^ (uint32_t)wq[o]) & m);
+            }
+            for (int64_t o = 0; o < B; ++o) acc[o] = px[0].ones - 2 * acc[o];
+            const int64_t count = std::min(B, c.out - b * B);
+            correct_zero_weights(st, px[0], b, b * B, count, acc.data());
+            finish_scalar(st, px[0], b * B, count, acc.data());
         }
-        pack_next<pack_pixel_scalar>(c, i, 1);
     }
 }
 
 #if BC_X86
 
-// ---- AVX2: popcount of each byte by two 16-entry lookups, summed into 64-bit lanes ----
+// ---- AVX2: popcount of each byte by two 16-entry lookups, summed in bytes, then in int32 lanes ----
 
-BC_TARGET("avx2,fma,popcnt") BC_INLINE __m256i popcount256(__m256i x) {
+BC_TARGET("avx2,fma,popcnt") BC_INLINE __m256i popcount_bytes(__m256i x) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                          0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
     const __m256i low = _mm256_set1_epi8(0x0f);
-    const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
-                                          _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)));
-    return _mm256_sad_epu8(bytes, _mm256_setzero_si256());
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
+                           _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(x, 4), low)));
 }
 
-// finish_scalar in vectors of 8 outputs (the same operations: the same values).
-BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Conv& c, int64_t pixel, int64_t block, const int64_t* s) {
-    const int64_t base = block * OB, outputs = std::min<int64_t>(OB, c.out - base);
-    const float* res = c.residual ? c.residual + pixel * c.residual_stride + base : nullptr;
-    float* y = c.y + pixel * c.y_stride + base;
+// finish_scalar for 32 outputs in vectors of 8 (the same operations: the same values).
+BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Stage& st, const Pixel& px, int64_t base, int64_t count,
+                                                 const int32_t* s) {
     const __m256 zero = _mm256_setzero_ps();
-    for (int v = 0; v < OB / 8 && 8 * v < outputs; ++v) {
+    uint32_t m = 0, p = 0;
+    for (int v = 0; v < 4 && 8 * v < count; ++v) {
         const int64_t o = base + 8 * v;
-        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, outputs - 8 * v)),
+        const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)std::min<int64_t>(8, count - 8 * v)),
                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        alignas(32) int32_t s32[8];  // |s| <= taps * 64 * words < 2^31; AVX2 converts int32, not int64
-        for (int i = 0; i < 8; ++i) s32[i] = (int32_t)s[8 * v + i];
-        __m256 out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_load_si256((const __m256i*)s32)),
-                                     _mm256_loadu_ps(c.scale + o), _mm256_loadu_ps(c.shift + o));
-        if (res) out = _mm256_add_ps(out, _mm256_maskload_ps(res + 8 * v, lanes));
-        if (c.bias) out = _mm256_add_ps(out, _mm256_maskload_ps(c.bias + o, lanes));
-        if (c.slope)
-            out = _mm256_blendv_ps(_mm256_mul_ps(out, _mm256_maskload_ps(c.slope + o, lanes)), out,
+        __m256 out = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(s + 8 * v))),
+                                     _mm256_loadu_ps(st.conv->scale + o), _mm256_loadu_ps(st.conv->shift + o));
+        if (st.pool == 1) {
+            out = _mm256_add_ps(out, _mm256_maskload_ps(px.res[0] + (o < st.res_channels ? o : o - st.res_channels), lanes));
+        } else if (st.pool == 2) {
+            __m256 sum = zero;
+            for (int d = 0; d < 4; ++d) sum = _mm256_add_ps(sum, _mm256_maskload_ps(px.res[d] + o, lanes));
+            out = _mm256_add_ps(out, _mm256_mul_ps(sum, _mm256_set1_ps(0.25f)));
+        }
+        if (st.bias) out = _mm256_add_ps(out, _mm256_loadu_ps(st.bias + o));
+        if (st.slope)
+            out = _mm256_blendv_ps(_mm256_mul_ps(out, _mm256_loadu_ps(st.slope + o)), out,
                                    _mm256_cmp_ps(out, zero, _CMP_GT_OQ));
-        if (c.bias_out) out = _mm256_add_ps(out, _mm256_maskload_ps(c.bias_out + o, lanes));
-        _mm256_maskstore_ps(y + 8 * v, lanes, out);
+        if (st.bias_out) out = _mm256_add_ps(out, _mm256_loadu_ps(st.bias_out + o));
+        _mm256_maskstore_ps(px.y + o, lanes, out);
+        if (px.next) {
+            const __m256 t = _mm256_add_ps(out, _mm256_loadu_ps(st.next_bias + o));
+            const uint32_t valid = (1u << std::min<int64_t>(8, count - 8 * v)) - 1;
+            m |= ((uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, zero, _CMP_NEQ_UQ)) & valid) << (8 * v);
+            p |= ((uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(t, zero, _CMP_GT_OQ)) & valid) << (8 * v);
+        }
+    }
+    if (px.next) {
+        px.next[base / 32] = (int32_t)m;
+        px.next[st.next_words + base / 32] = (int32_t)p;
     }
 }
 
-BC_TARGET("avx2,fma,popcnt") void conv_rows_avx2(const Conv& c, int64_t first, int64_t last) {
-    constexpr int R = 2, V = OB / 4;  // 2 pixels x 8 vectors of 4 outputs
-    const int64_t K = (int64_t)c.taps.size() * c.words;
-    Cursor at(c, first);
+// 2 pixels x 32 outputs at a time (a 64-output block in two halves).
+BC_TARGET("avx2,fma,popcnt") void conv_avx2(const Stage& st, int64_t first, int64_t last) {
+    constexpr int R = 2, V = 4;
+    const bc_conv& c = *st.conv;
+    const int64_t B = c.block, K = st.taps * st.words, W = st.words;
+    const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+    Cursor at(st, first);
     for (int64_t i0 = first; i0 < last; i0 += R) {
-        const int64_t* px[R];
-        int64_t pm[R];
+        Pixel px[R];
         const int64_t valid = std::min<int64_t>(R, last - i0);
-        gather<R>(c, at, valid, px, pm);
-        for (int64_t b = 0; b < c.blocks; ++b) {
+        gather<R>(at, valid, px);
+        for (int64_t base = 0; base < c.out; base += 32) {
+            const int64_t block = base / B;
+            alignas(32) int32_t s[R][32] = {};
             __m256i acc[R][V];
             for (int r = 0; r < R; ++r)
                 for (int v = 0; v < V; ++v) acc[r][v] = _mm256_setzero_si256();
-            const int64_t* wq = c.weights + b * K * OB;
-            for (int64_t off : c.taps)
-                for (int64_t w = 0; w < c.words; ++w, wq += OB)
-                    for (int r = 0; r < R; ++r) {
-                        const __m256i m = _mm256_set1_epi64x(px[r][off + 2 * w]);
-                        const __m256i p = _mm256_set1_epi64x(px[r][off + 2 * w + 1]);
+            const int32_t* wq = c.weights + block * K * B + base % B;
+            for (int64_t kk = 0; kk < K; ++kk, wq += B) {
+                const int64_t off = st.offsets[kk];
+                __m256i q[V];
+                for (int v = 0; v < V; ++v) q[v] = _mm256_loadu_si256((const __m256i*)(wq + 8 * v));
+                for (int r = 0; r < R; ++r) {
+                    const __m256i m = _mm256_set1_epi32(px[r].in[off]), p = _mm256_set1_epi32(px[r].in[off + W]);
+                    for (int v = 0; v < V; ++v)
+                        acc[r][v] = _mm256_add_epi8(
+                            acc[r][v], popcount_bytes(_mm256_and_si256(_mm256_xor_si256(p, q[v]), m)));
+                }
+                if (kk % 31 == 30 || kk == K - 1)  // a byte holds at most 31 words' 8
+                    for (int r = 0; r < R; ++r)
                         for (int v = 0; v < V; ++v) {
-                            const __m256i q = _mm256_loadu_si256((const __m256i*)(wq + 4 * v));
-                            acc[r][v] = _mm256_add_epi64(
-                                acc[r][v], popcount256(_mm256_and_si256(_mm256_xor_si256(p, q), m)));
+                            const __m256i sum = _mm256_madd_epi16(_mm256_maddubs_epi16(acc[r][v], ones8), ones16);
+                            __m256i* dst = (__m256i*)(s[r] + 8 * v);
+                            _mm256_store_si256(dst, _mm256_add_epi32(_mm256_load_si256(dst), sum));
+                            acc[r][v] = _mm256_setzero_si256();
                         }
-                    }
+            }
+            const int64_t count = std::min<int64_t>(32, c.out - base);
             for (int r = 0; r < valid; ++r) {
-                alignas(32) int64_t s[OB];
-                const __m256i count = _mm256_set1_epi64x(pm[r]);
-                for (int v = 0; v < V; ++v)
-                    _mm256_store_si256((__m256i*)(s + 4 * v),
-                                       _mm256_sub_epi64(count, _mm256_add_epi64(acc[r][v], acc[r][v])));
-                correct_zero_weights(c, px[r], b, s);
-                finish_avx2(c, i0 + r, b, s);
+                for (int o = 0; o < 32; ++o) s[r][o] = px[r].ones - 2 * s[r][o];
+                correct_zero_weights(st, px[r], block, base, count, s[r]);
+                finish_avx2(st, px[r], base, count, s[r]);
             }
         }
-        pack_next<pack_pixel_avx2>(c, i0, valid);
     }
 }
 
-// ---- AVX-512 VPOPCNTDQ: (p xor q) and m in one vpternlogq, then vpopcntq ----
+// ---- AVX-512 VPOPCNTDQ: (p xor q) and m in one vpternlogd, then vpopcntd ----
 
-BC_TARGET(BC_AVX512) void conv_rows_avx512(const Conv& c, int64_t first, int64_t last) {
-    constexpr int R = 4, V = OB / 8;  // 4 pixels x 4 vectors of 8 outputs: 16 accumulators
-    const int64_t K = (int64_t)c.taps.size() * c.words;
-    const __m256 zero = _mm256_setzero_ps();
-    Cursor at(c, first);
+// The float parts of a conv, known when it is compiled: POOL 0, a lone conv (y = fma(s, scale,
+// shift) only); 1, + the residual at the pixel; 2, + the 2x2 average of the residual; then with
+// POOL > 0 + bias, prelu, + bias_out; with NEXT, sign(y + next_bias) packed too.
+// `acc`: the mismatches, popcount((p xor q) and m), or with `masked` false popcount(p xor q), which
+// counts each border tap's weight bits too: taken off here (an input exactly 0 takes the masked way).
+template <int V, int POOL, bool NEXT>
+BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel& px, int64_t block, __m512i* acc,
+                                                  bool masked) {
+    constexpr int B = 16 * V;
+    const bc_conv& c = *st.conv;
+    const int64_t base = block * B, count = std::min<int64_t>(B, c.out - base);
+    const __m512 zero = _mm512_setzero_ps();
+    if (!masked)
+        for (uint32_t taps = px.padded; taps; taps &= taps - 1) {
+            const int32_t* ones = c.tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
+            for (int v = 0; v < V; ++v) acc[v] = _mm512_sub_epi32(acc[v], _mm512_loadu_si512(ones + 16 * v));
+        }
+    __m512i s[V];
+    for (int v = 0; v < V; ++v) s[v] = _mm512_sub_epi32(_mm512_set1_epi32(px.ones), _mm512_add_epi32(acc[v], acc[v]));
+    if (c.zero_start[block] != c.zero_start[block + 1]) {
+        alignas(64) int32_t t[B];
+        for (int v = 0; v < V; ++v) _mm512_store_si512(t + 16 * v, s[v]);
+        correct_zero_weights(st, px, block, base, count, t);
+        for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(t + 16 * v);
+    }
+    __mmask16 lanes[V];
+    for (int v = 0; v < V; ++v)
+        lanes[v] = count - 16 * v >= 16 ? (__mmask16)0xffff
+                   : count > 16 * v  ? (__mmask16)((1u << (count - 16 * v)) - 1)
+                                     : (__mmask16)0;
+    __m512 out[V];
+    for (int v = 0; v < V; ++v) {
+        const int64_t o = base + 16 * v;
+        out[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), _mm512_loadu_ps(c.scale + o), _mm512_loadu_ps(c.shift + o));
+        if (POOL == 1) {
+            const int64_t r = o < st.res_channels ? o : o - st.res_channels;  // out <= 2 res_channels
+            out[v] = _mm512_add_ps(out[v], _mm512_maskz_loadu_ps(lanes[v], px.res[0] + r));
+        } else if (POOL == 2) {
+            __m512 sum = zero;
+            for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes[v], px.res[d] + o));
+            out[v] = _mm512_add_ps(out[v], _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
+        }
+        if (POOL) {
+            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias + o));
+            out[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out[v], zero, _CMP_GT_OQ),
+                                          _mm512_mul_ps(out[v], _mm512_loadu_ps(st.slope + o)), out[v]);
+            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias_out + o));
+        }
+        _mm512_mask_storeu_ps(px.y + o, lanes[v], out[v]);
+    }
+    if (NEXT)
+        for (int64_t j = 0; j < V / 2 && base / 32 + j < st.next_words; ++j) {
+            uint32_t m = 0, p = 0;
+            for (int h = 0; h < 2; ++h) {
+                const int v = 2 * j + h;
+                const __m512 t = _mm512_add_ps(out[v], _mm512_loadu_ps(st.next_bias + base + 16 * v));
+                m |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_NEQ_UQ) << (16 * h);
+                p |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_GT_OQ) << (16 * h);
+            }
+            px.next[base / 32 + j] = (int32_t)m;
+            px.next[st.next_words + base / 32 + j] = (int32_t)p;
+        }
+}
+
+// Adds the mismatches of R pixels x V vectors of 16 outputs over a weight row to acc: with `masked`,
+// popcount((p xor q) and m) (0x28 in one vpternlogd), else popcount(p xor q), a third fewer
+// instructions (the caller mends the border taps).
+template <int R, int V, bool masked>
+BC_TARGET(BC_AVX512) BC_INLINE void mismatches(const Stage& st, const int32_t* const in[R], const int32_t* wq,
+                                               __m512i acc[R][V]) {
+    constexpr int B = 16 * V;
+    const int64_t K = st.taps * st.words, W = st.words;
+    const int32_t* offsets = st.offsets.data();
+    for (int64_t kk = 0; kk < K; ++kk, wq += B) {
+        const int64_t off = offsets[kk];
+        __m512i q[V];
+        for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_si512(wq + 16 * v);
+        for (int r = 0; r < R; ++r) {
+            const __m512i p = _mm512_set1_epi32(in[r][off + W]);
+            if (masked) {
+                const __m512i m = _mm512_set1_epi32(in[r][off]);
+                for (int v = 0; v < V; ++v)
+                    acc[r][v] = _mm512_add_epi32(acc[r][v],
+                                                 _mm512_popcnt_epi32(_mm512_ternarylogic_epi32(p, q[v], m, 0x28)));
+            } else {
+                for (int v = 0; v < V; ++v)
+                    acc[r][v] = _mm512_add_epi32(acc[r][v], _mm512_popcnt_epi32(_mm512_xor_si512(p, q[v])));
+            }
+        }
+    }
+}
+
+// R pixels x V vectors of 16 outputs: R * V accumulators, V weight vectors and the broadcasts in
+// the 32 registers.
+template <int R, int V, int POOL, bool NEXT>
+BC_TARGET(BC_AVX512) void conv_avx512(const Stage& st, int64_t first, int64_t last) {
+    constexpr int B = 16 * V;
+    const int64_t K = st.taps * st.words;
+    Cursor at(st, first);
     for (int64_t i0 = first; i0 < last; i0 += R) {
-        const int64_t* px[R];
-        int64_t pm[R];
+        Pixel px[R];
         const int64_t valid = std::min<int64_t>(R, last - i0);
-        gather<R>(c, at, valid, px, pm);
-        for (int64_t b = 0; b < c.blocks; ++b) {
+        gather<R>(at, valid, px);
+        const int32_t* in[R];
+        bool masked = false;
+        for (int r = 0; r < R; ++r) in[r] = px[r].in, masked |= !px[r].whole;
+        for (int64_t b = 0; b < st.blocks; ++b) {
             __m512i acc[R][V];
             for (int r = 0; r < R; ++r)
                 for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_si512();
-            const int64_t* wq = c.weights + b * K * OB;
-            for (int64_t off : c.taps)
-                for (int64_t w = 0; w < c.words; ++w, wq += OB) {
-                    __m512i q[V];
-                    for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_si512(wq + 8 * v);
-                    for (int r = 0; r < R; ++r) {
-                        const __m512i m = _mm512_set1_epi64(px[r][off + 2 * w]);
-                        const __m512i p = _mm512_set1_epi64(px[r][off + 2 * w + 1]);
-                        for (int v = 0; v < V; ++v)  // 0x28: (p ^ q) & m
-                            acc[r][v] = _mm512_add_epi64(
-                                acc[r][v], _mm512_popcnt_epi64(_mm512_ternarylogic_epi64(p, q[v], m, 0x28)));
-                    }
-                }
-            const int64_t base = b * OB, outputs = std::min<int64_t>(OB, c.out - base);
-            for (int r = 0; r < valid; ++r) {
-                alignas(64) int64_t s[OB];
-                const __m512i count = _mm512_set1_epi64(pm[r]);
-                for (int v = 0; v < V; ++v)
-                    _mm512_store_si512(s + 8 * v, _mm512_sub_epi64(count, _mm512_add_epi64(acc[r][v], acc[r][v])));
-                correct_zero_weights(c, px[r], b, s);
-                const int64_t pixel = i0 + r;
-                const float* res = c.residual ? c.residual + pixel * c.residual_stride + base : nullptr;
-                float* y = c.y + pixel * c.y_stride + base;
-                for (int v = 0; v < V && 8 * v < outputs; ++v) {
-                    const int64_t o = base + 8 * v;
-                    const __mmask8 lanes = (__mmask8)((1u << std::min<int64_t>(8, outputs - 8 * v)) - 1);
-                    __m256 out = _mm256_fmadd_ps(_mm512_cvtepi64_ps(_mm512_load_si512(s + 8 * v)),
-                                                 _mm256_loadu_ps(c.scale + o), _mm256_loadu_ps(c.shift + o));
-                    if (res) out = _mm256_add_ps(out, _mm256_maskz_loadu_ps(lanes, res + 8 * v));
-                    if (c.bias) out = _mm256_add_ps(out, _mm256_maskz_loadu_ps(lanes, c.bias + o));
-                    if (c.slope)
-                        out = _mm256_mask_blend_ps(_mm256_cmp_ps_mask(out, zero, _CMP_GT_OQ),
-                                                   _mm256_mul_ps(out, _mm256_maskz_loadu_ps(lanes, c.slope + o)), out);
-                    if (c.bias_out) out = _mm256_add_ps(out, _mm256_maskz_loadu_ps(lanes, c.bias_out + o));
-                    _mm256_mask_storeu_ps(y + 8 * v, lanes, out);
-                }
-            }
+            const int32_t* wq = st.conv->weights + b * K * B;
+            if (masked)
+                mismatches<R, V, true>(st, in, wq, acc);
+            else
+                mismatches<R, V, false>(st, in, wq, acc);
+            for (int r = 0; r < valid; ++r) finish_avx512<V, POOL, NEXT>(st, px[r], b, acc[r], masked);
         }
-        pack_next<pack_pixel_avx512>(c, i0, valid);
     }
 }
 
 #endif  // BC_X86
 
-// ---- packing a tensor ----
+using ConvRows = void (*)(const Stage&, int64_t, int64_t);
+using PackRows = void (*)(const Pack&, int64_t, int64_t);
 
-struct Pack {
-    const float* u;
-    const float* bias;
-    int64_t h, w, channels, pad, words;
-    int64_t* planes;
+// The path's conv for `conv` and the pixels it takes at a time.
+#if BC_X86
+template <int R, int V>
+ConvRows conv_avx512_of(int pool, bool next) {
+    if (pool == 0) return conv_avx512<R, V, 0, false>;
+    if (next) return pool == 1 ? conv_avx512<R, V, 1, true> : conv_avx512<R, V, 2, true>;
+    return pool == 1 ? conv_avx512<R, V, 1, false> : conv_avx512<R, V, 2, false>;
+}
+#endif
 
-    // Zeroes padded row i (flat over n, h + 2 pad) and its border; returns its first input
-    // pixel and, in `out`, where that pixel's words go, or nullptr for a row of padding.
-    const float* row(int64_t i, int64_t** out) const {
-        const int64_t hp = h + 2 * pad, wp = w + 2 * pad, step = words * 2, y = i % hp - pad, b = i / hp;
-        int64_t* dst = planes + i * wp * step;
-        if (y < 0 || y >= h) {
-            std::fill(dst, dst + wp * step, 0);
-            return nullptr;
-        }
-        std::fill(dst, dst + pad * step, 0);
-        std::fill(dst + (pad + w) * step, dst + wp * step, 0);
-        *out = dst + pad * step;
-        return u + (b * h + y) * w * channels;
+ConvRows conv_rows(int path, const bc_conv& conv, int pool, bool next, int64_t* step) {
+    *step = 1;
+#if BC_X86
+    if (path == 2) {
+        *step = conv.block == 64 ? 4 : 8;
+        return conv.block == 64 ? conv_avx512_of<4, 4>(pool, next) : conv_avx512_of<8, 2>(pool, next);
     }
-};
-
-template <PackPixel pack_pixel>
-void pack_rows(const Pack& p, int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-        int64_t* dst;
-        const float* src = p.row(i, &dst);
-        for (int64_t x = 0; src && x < p.w; ++x)
-            pack_pixel(src + x * p.channels, p.bias, p.channels, dst + x * p.words * 2);
+    if (path == 1) {
+        *step = 2;
+        return conv_avx2;
     }
+#endif
+    return conv_scalar;
 }
 
-// Splits [0, total) over the threads in chunks of a multiple of 4 items (every path's R), each of at
-// least `min_items` (a few tens of microseconds of work: a thread costs more for less) and enough
-// of them to balance the load; handed out as the threads come (a thread the OS holds back leaves its
-// share to the others).
-template <class F>
-void parallel(int64_t total, int64_t min_items, int threads, F body) {
-    const int64_t grain = (std::max(min_items, total / (8 * std::max(threads, 1))) + 3) / 4 * 4;
-    const int64_t chunks = (total + grain - 1) / grain;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && chunks > 1)
-    for (int64_t i = 0; i < chunks; ++i) body(i * grain, std::min(total, (i + 1) * grain));
+PackRows pack_rows_of(int path) {
+#if BC_X86
+    if (path == 2) return pack_rows<pack_pixel_avx512>;
+    if (path == 1) return pack_rows<pack_pixel_avx2>;
+#endif
+    return pack_rows<pack_pixel_scalar>;
 }
+
+void run_conv(Stage& st, int path, int threads) {
+    const bc_conv& c = *st.conv;
+    st.words = words_of(c.in);
+    st.blocks = (c.out + c.block - 1) / c.block;
+    st.taps = c.k * c.k;
+    st.offsets.clear();
+    for (int64_t dy = 0; dy < c.k; ++dy)
+        for (int64_t dx = 0; dx < c.k; ++dx)
+            for (int64_t w = 0; w < st.words; ++w) st.offsets.push_back((int32_t)((dy * st.wp + dx) * 2 * st.words + w));
+    int64_t step;
+    const ConvRows rows = conv_rows(path, c, st.pool, st.next != nullptr, &step);
+    // Work per pixel in (word, output) pairs, the float parts counted as 8 words.
+    const int64_t work = (st.taps * st.words + 8) * st.blocks * c.block;
+    parallel(threads, st.pixels, (1 << 17) / work + 1, step, [&](int64_t first, int64_t last) { rows(st, first, last); });
+}
+
+// Bytes of the caches the images of one pass through a block may fill.
+constexpr int64_t GROUP_BYTES = 1 << 20;
 
 }  // namespace
 
@@ -428,32 +754,68 @@ int bc_supported() {
     return paths;
 }
 
-// u: float [n][h][w][channels], bias: [channels] or null -> planes: int64 [n][h + 2 pad][w + 2 pad][words][2].
-void bc_pack(const float* u, const float* bias, int64_t n, int64_t h, int64_t w, int64_t channels, int64_t pad,
-             int64_t* planes, int path, int threads) {
-    const Pack p{u, bias, h, w, channels, pad, (channels + 63) / 64, planes};
-    auto rows = pack_rows<pack_pixel_scalar>;
-#if BC_X86
-    if (path == 2) rows = pack_rows<pack_pixel_avx512>;
-    else if (path == 1) rows = pack_rows<pack_pixel_avx2>;
-#endif
-    const int64_t row = (w + 2 * pad) * channels;
-    parallel(n * (h + 2 * pad), (1 << 16) / row + 1, threads,
-             [&](int64_t first, int64_t last) { rows(p, first, last); });
+// tap_ones of `conv` (its other fields set): the set bits of each tap's weights, per output.
+void bc_tap_ones(const bc_conv* conv, int32_t* tap_ones) {
+    const int64_t words = words_of(conv->in), taps = conv->k * conv->k, B = conv->block;
+    for (int64_t b = 0; b < (conv->out + B - 1) / B; ++b)
+        for (int64_t t = 0; t < taps; ++t)
+            for (int64_t o = 0; o < B; ++o) {
+                int32_t n = 0;
+                for (int64_t w = 0; w < words; ++w)
+                    n += __builtin_popcount((uint32_t)conv->weights[((b * taps + t) * words + w) * B + o]);
+                tap_ones[(b * taps + t) * B + o] = n;
+            }
 }
 
-void bc_conv(const bc_conv_args* args, int path, int threads) {
-    Conv c{*args, {}, (args->out + OB - 1) / OB, args->n * args->ho * args->wo, (args->out + 63) / 64};
-    for (int64_t dy = 0; dy < c.k; ++dy)
-        for (int64_t dx = 0; dx < c.k; ++dx) c.taps.push_back((dy * c.wp + dx) * c.words * 2);
-    auto rows = conv_rows_scalar;
-#if BC_X86
-    if (path == 2) rows = conv_rows_avx512;
-    else if (path == 1) rows = conv_rows_avx2;
-#endif
-    // Work per pixel in (word, output) pairs, the epilogue counted as 4 words.
-    const int64_t work = ((int64_t)c.taps.size() * c.words + 4) * c.blocks * OB;
-    parallel(c.pixels, (1 << 18) / work + 1, threads, [&](int64_t first, int64_t last) { rows(c, first, last); });
+void bc_block(const bc_block_args* args, int path, int threads) {
+    const bc_block_args& a = *args;
+    const int64_t k = a.a.k, stride = a.a.stride, pad = k / 2, hp = a.h + 2 * pad, wp = a.w + 2 * pad;
+    const int64_t ho = (hp - k) / stride + 1, wo = (wp - k) / stride + 1;
+    const int64_t words_a = words_of(a.a.in), words_b = words_of(a.a.out), two = a.b.out > 0;
+    // Per image: the packed input, a's output and its packing (with b), and the image in and out.
+    const int64_t planes_a = hp * wp * 2 * words_a, middle = two ? ho * wo * a.a.out : 0,
+                  planes_b = two ? ho * wo * 2 * words_b : 0;
+    const int64_t bytes = 4 * (planes_a + middle + planes_b + a.h * a.w * a.x_stride + ho * wo * a.y_stride);
+    const int64_t group = std::max<int64_t>(1, std::min(a.n, GROUP_BYTES / bytes));
+    const int64_t per_image = (planes_a + middle + planes_b + 15) / 16 * 16;  // 64-byte aligned parts
+    thread_local std::vector<int32_t> space;
+    if ((int64_t)space.size() < group * per_image + 16) space.resize(group * per_image + 16);
+    int32_t* base = space.data() + (16 - ((uintptr_t)space.data() / 4) % 16) % 16;
+    int32_t* in_planes = base;
+    float* mid = reinterpret_cast<float*>(base + (group * planes_a + 15) / 16 * 16);
+    int32_t* mid_planes = reinterpret_cast<int32_t*>(mid) + (group * middle + 15) / 16 * 16;
+    const PackRows pack = pack_rows_of(path);
+    for (int64_t first = 0; first < a.n; first += group) {
+        const int64_t images = std::min(group, a.n - first);
+        const float* x = a.x + first * a.h * a.w * a.x_stride;
+        float* y = a.y + first * ho * wo * a.y_stride;
+        const Pack p{x, a.input_bias, a.h, a.w, a.x_stride, a.a.in, pad, words_a, in_planes};
+        parallel(threads, images * hp, (1 << 16) / (wp * a.a.in) + 1, 1,
+                 [&](int64_t f, int64_t l) { pack(p, f, l); });
+        Stage s;
+        s.conv = &a.a;
+        s.planes = in_planes;
+        s.zeros = p.zero.load(std::memory_order_relaxed);
+        s.hp = hp, s.wp = wp, s.ho = ho, s.wo = wo, s.pixels = images * ho * wo;
+        if (a.residual) {
+            s.pool = stride == 2 ? 2 : 1;
+            s.res = x, s.res_stride = a.x_stride, s.res_channels = a.a.out;
+            s.h = a.h, s.w = a.w, s.ph = a.h / 2, s.pw = a.w / 2;
+        }
+        s.bias = a.bias1, s.slope = a.slope1, s.bias_out = a.bias_out1;
+        s.y = two ? mid : y, s.y_stride = two ? a.a.out : a.y_stride;
+        if (two) s.next_bias = a.next_bias, s.next = mid_planes, s.next_words = words_b;
+        run_conv(s, path, threads);
+        if (!two) continue;
+        Stage t;
+        t.conv = &a.b;
+        t.planes = mid_planes;
+        t.hp = ho, t.wp = wo, t.ho = ho, t.wo = wo, t.pixels = images * ho * wo;
+        t.pool = 1, t.res = mid, t.res_stride = a.a.out, t.res_channels = a.a.out;
+        t.bias = a.bias2, t.slope = a.slope2, t.bias_out = a.bias_out2;
+        t.y = y, t.y_stride = a.y_stride;
+        run_conv(t, path, threads);
+    }
 }
 
 }  // extern "C"

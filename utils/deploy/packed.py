@@ -34,7 +34,7 @@ from models.reactnet import BasicBlock
 from utils.checkpoint import (PACKED_FORMAT, atomic_save, checkpoint_step, detect_format, is_packed, load_weights,
                               num_classes, read_checkpoint, trained_input_size)
 from utils.deploy import kernel
-from utils.deploy.block import PackedBlock
+from utils.deploy.block import PackedBlock, PackedNetwork
 from utils.errors import CheckpointError, DataError
 
 __all__ = [
@@ -130,10 +130,9 @@ class PackedBinaryConv2d(nn.Module):
         """Parameters of the binary conv and BatchNorm this layer stands for: W, gamma and beta."""
         return self.weight_bits.shape[0] * (self.in_channels * self.kernel_size ** 2 + 2)
 
-    def forward(self, u: torch.Tensor, fused=None) -> torch.Tensor:
-        """`fused` (utils.deploy.block, where kernel.applies): the block's float parts the kernel does too."""
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
         if kernel.applies(self, u):  # the C++ kernel: the same values, several times faster
-            return kernel.binary_conv(self, u, fused)
+            return kernel.binary_conv(self, u)
         n, _, h, w = u.shape
         k, stride, pad = self.kernel_size, self.stride, self.padding
         h_out, w_out = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
@@ -175,7 +174,9 @@ class PackedBinaryConv2d(nn.Module):
 def _swap(model: nn.Module, make) -> nn.Module:
     """Replace each block's binary conv by `make(block, conv name, bn name)` and its BatchNorm by
     Identity: the block's forward then runs the packed conv in their place (PackedBlock: the same
-    modules and names, its float parts fused into the kernel's calls where it runs)."""
+    modules and names, its float parts fused into the kernel's calls where it runs), and the
+    network a PackedNetwork."""
+    model.__class__ = PackedNetwork
     for block in model.modules():
         if isinstance(block, BasicBlock):
             block.__class__ = PackedBlock
