@@ -31,7 +31,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "read_checkpoint", "detect_format", "remap_state_dict", "load_weights", "num_classes", "check_classes",
-    "checkpoint_step", "trained_input_size", "is_packed", "check_finite", "check_plain", "atomic_save",
+    "checkpoint_step", "trained_input_size", "recorded_classes", "is_packed", "check_finite", "check_plain", "atomic_save",
     "atomic_copy", "remove_stale_temporaries", "tensor_bytes", "size_in_mb", "PACKED_FORMAT",
 ]
 
@@ -170,6 +170,18 @@ def trained_input_size(obj) -> int | None:
     if checkpoint_step(obj) is not None:
         return obj.get("args", {}).get("input_size")
     return 224 if detect_format(obj)[0].endswith("release") else None
+
+
+def recorded_classes(obj) -> list | None:
+    """The class names a file records, in the order of the network's outputs: this repository's
+    checkpoints (the class folders they were trained on) and packed files made from them; None
+    where the file does not say (the releases, a bare state_dict, a version-1 packed file)."""
+    if not (is_packed(obj) or checkpoint_step(obj) is not None):
+        return None
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"the checkpoint's 'classes' entry is not a list of class names: {str(classes)[:60]}")
+    return classes
 
 
 def is_packed(obj) -> bool:

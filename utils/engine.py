@@ -30,7 +30,9 @@ SYNC_EVERY = 10  # iterations between the processes' checks (each waits for the 
 class LoopSettings:
     """How the loops run, the same in every epoch of a run. `stop()` says whether a stop signal
     came (utils.preempt.StopRequest); `log` takes the progress lines (None: none are made);
-    `max_skipped`: unreadable training images skipped per epoch (--skip-bad-images)."""
+    `max_skipped`: unreadable training images skipped per epoch (--skip-bad-images); `on_logits`:
+    evaluate() scores `on_logits(logits)` in place of each batch's float logits, the batches in
+    the loader's order (evaluate.py: the classes absent from the data masked, ReaL labels)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     channels_last: bool = False
@@ -39,6 +41,7 @@ class LoopSettings:
     world_size: int = 1  # processes, for the images/s of all of them
     max_skipped: int = 0
     stop: Callable | None = None
+    on_logits: Callable | None = None
 
 
 @dataclass
@@ -201,7 +204,7 @@ def evaluate(model, loader, settings: LoopSettings, *, prepare=to_device) -> Eva
             continue
         with autocast(device, settings.precision):
             logits = model(batch.images.contiguous(memory_format=fmt))
-        logits = logits.float()
+        logits = logits.float() if settings.on_logits is None else settings.on_logits(logits.float())
         sums += torch.stack([F.cross_entropy(logits, batch.target, reduction="sum"),
                              *correct_topk(logits, batch.target),
                              logits.new_tensor(logits.size(0))]).double()
