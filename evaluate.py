@@ -126,21 +126,9 @@ def evaluate_checkpoint(args):
     resolve_device_layout(args, info.device.type == "cuda")
     set_precision(args.precision)
     model.to(info.device, memory_format=memory_format(args.channels_last))
-    absent = None
-    if args.present_classes_only:
-        absent = torch.ones(classes, dtype=torch.bool)
-        absent[present] = False
-        absent = absent.to(info.device)
-
-    def on_logits(logits):
-        if absent is not None:
-            logits = logits.masked_fill(absent, float("-inf"))
-        if real is not None:
-            real(logits)
-        return logits
-
     settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last,
-                            on_logits=on_logits)
+                            on_logits=scoring(classes, present if args.present_classes_only else None, real,
+                                              info.device))
     stats = evaluate(compiled(model, args.compile), loader, settings, prepare=prepare)
     real_top1, real_top5, labelled = real.result() if real else (None, None, None)
     if info.is_main:
@@ -162,6 +150,26 @@ def evaluate_checkpoint(args):
             with open(args.results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return stats
+
+
+def scoring(num_classes: int, present, real, device):
+    """evaluate()'s `on_logits`: the logits of the classes not in `present` set to -inf (None: all
+    classes scored), then the batch scored by the RealScorer `real` (or None); None for neither."""
+    if present is None and real is None:
+        return None
+    absent = None
+    if present is not None:
+        absent = torch.ones(num_classes, dtype=torch.bool)
+        absent[present] = False
+        absent = absent.to(device)
+
+    def on_logits(logits):
+        if absent is not None:
+            logits = logits.masked_fill(absent, float("-inf"))
+        if real is not None:
+            real(logits)
+        return logits
+    return on_logits
 
 
 def main(argv=None):

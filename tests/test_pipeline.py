@@ -104,6 +104,8 @@ def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys)
                            "-j", "0", "--batch_size", "9"])
     out = capsys.readouterr().out
     assert "adambnn-release checkpoint, step 2 (default for released checkpoints)" in out
+    assert "=> classes: folder k in sorted order is class k (the checkpoint records no class names); 3 of its 3 " \
+           "classes present, scored among all 3" in out
     record = records(root / "s2")[0]
     assert stats.top1 == pytest.approx(record["val_top1"]) and stats.count == 9
     stats = evaluate.main(["--checkpoint", str(released), "--data", str(root / "data"), "--input-size", "32",
