@@ -14,6 +14,7 @@ over ImageNet's train/ and val/. The folders are then, in this order of preceden
 Anything else is refused, naming a few of the folders and the way out. The folders may hold only
 some of the classes (ImageNet-A and -R: 200 of ImageNet's 1000).
 """
+import collections
 import functools
 import os
 from dataclasses import dataclass
@@ -38,7 +39,6 @@ class ClassMapping:
     """`targets[i]`: the network's class of folder i (in sorted folder order); `how`: how the
     folders were mapped, as printed and recorded."""
     targets: list
-    num_classes: int
     how: str
 
     @property
@@ -55,7 +55,7 @@ def read_class_map(path: str) -> list:
     with open(path) as f:
         names = [line.strip() for line in f.read().splitlines()]
     empty = [k + 1 for k, name in enumerate(names) if not name]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = sorted(name for name, n in collections.Counter(names).items() if n > 1)
     if not names or empty or repeated:
         problem = "is empty" if not names else (f"has empty lines ({_first(empty)})" if empty else
                                                  f"names folders more than once ({_first(repeated)})")
@@ -79,19 +79,19 @@ def map_classes(folders: list, num_classes: int, recorded=None, class_map=None, 
         if unmapped:
             raise DataError(f"{len(unmapped)} class folder(s) of {where} are not in --class-map {class_map_path} "
                             f"({_first(unmapped)}): add a line for each class they hold")
-        return ClassMapping([index[f] for f in folders], num_classes, f"folders mapped by --class-map {class_map_path}")
+        return ClassMapping([index[f] for f in folders], f"folders mapped by --class-map {class_map_path}")
     names, how, listing = class_names(recorded, num_classes, what)
     if names is not None:
         index = {name: k for k, name in enumerate(names)}
         if all(f in index for f in folders):
-            return ClassMapping([index[f] for f in folders], num_classes, how)
+            return ClassMapping([index[f] for f in folders], how)
     indices = _as_indices(folders)
     if indices is not None:
         past = [f for f, k in zip(folders, indices) if k >= num_classes]
         if past:
             raise DataError(f"class folders {_first(past)} of {where} are numbers past the class indices of "
                             f"{what} (0..{num_classes - 1}): remove them, {way_out}")
-        return ClassMapping(indices, num_classes, f"folders are class indices 0..{num_classes - 1}")
+        return ClassMapping(indices, f"folders are class indices 0..{num_classes - 1}")
     if names is not None:
         unknown = [f for f in folders if f not in index]
         raise DataError(f"{len(unknown)} of the {len(folders)} class folders of {where} are not classes of {what} "
@@ -99,7 +99,7 @@ def map_classes(folders: list, num_classes: int, recorded=None, class_map=None, 
                         f"{way_out}")
     check_classes(what, num_classes, len(folders), f"pass --data with the {num_classes} classes it was trained on "
                   f"(it records no class names: folder k in sorted order is class k), {way_out}", DataError)
-    return ClassMapping(list(range(num_classes)), num_classes,
+    return ClassMapping(list(range(num_classes)),
                         "folder k in sorted order is class k (the checkpoint records no class names)")
 
 

@@ -72,11 +72,9 @@ class RealScorer:
     order (utils.engine.evaluate's `on_logits`), it sums on the device without waiting for it."""
 
     def __init__(self, labels: list, device):
-        width = max(1, *map(len, labels)) if labels else 1
-        padded = torch.full((len(labels), width), -1, dtype=torch.long)
-        for i, entry in enumerate(labels):
-            padded[i, :len(entry)] = torch.tensor(entry, dtype=torch.long)
-        self.labels = padded.to(device)
+        width = max(map(len, labels), default=0) or 1  # each image's labels, padded with -1
+        padded = [entry + [-1] * (width - len(entry)) for entry in labels]
+        self.labels = torch.tensor(padded, dtype=torch.long).view(len(labels), width).to(device)
         self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # labelled images, right at 1, at 5
         self.position = 0
 
