@@ -18,7 +18,7 @@ from models import reactnet_a
 from utils.checkpoint import (check_classes, check_finite, checkpoint_step, detect_format, is_packed, load_weights,
                               num_classes, read_checkpoint, trained_input_size)
 from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
-                       check_input_size, exit_on_error, resolve_device_layout)
+                       check_input_size, check_output_file, exit_on_error, resolve_device_layout, say)
 from utils.deploy.packed import load_packed
 from utils.distributed import cleanup, init_distributed
 from utils.engine import LoopSettings, evaluate
@@ -39,6 +39,7 @@ def get_parser():
                      "unless given; off by default: one pass over the data rarely repays the compilation)")
     p.add_argument("--results-file", default=None,
                    help="append a JSON line: model, checkpoint, step, top1, top5, params, ops, images")
+    p.add_argument("--print-freq", type=int, default=10, help="progress line every N batches")
     return p
 
 
@@ -46,8 +47,10 @@ def check_args(args) -> None:
     """The flags that cannot work, before anything is read."""
     if not args.data:
         raise ConfigError("no data: pass --data DIR or set DATA (a folder with val/)")
-    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0))
+    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0),
+                   ("--print-freq", args.print_freq, 1))
     check_input_size(args.input_size)
+    check_output_file(args.results_file, "--results-file", "results.jsonl")
 
 
 def evaluate_checkpoint(args):
@@ -91,7 +94,8 @@ def evaluate_checkpoint(args):
     resolve_device_layout(args, info.device.type == "cuda")
     set_precision(args.precision)
     model.to(info.device, memory_format=memory_format(args.channels_last))
-    settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last)
+    settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last,
+                            print_freq=args.print_freq, log=say if info.is_main else None, world_size=info.world_size)
     stats = evaluate(compiled(model, args.compile), loader, settings, prepare=prepare)
     if info.is_main:
         print(f"* Acc@1 {stats.top1:.3f} Acc@5 {stats.top5:.3f}", flush=True)
