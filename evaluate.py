@@ -28,7 +28,7 @@ from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_p
                               read_checkpoint, recorded_classes, trained_input_size)
 from utils.classes import map_classes, read_class_map, relabel
 from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
-                       check_input_size, exit_on_error, resolve_device_layout)
+                       check_input_size, check_output_file, exit_on_error, resolve_device_layout, say)
 from utils.deploy.packed import load_packed
 from utils.distributed import cleanup, init_distributed
 from utils.engine import LoopSettings, evaluate
@@ -61,6 +61,7 @@ def get_parser():
     p.add_argument("--results-file", default=None,
                    help="append a JSON line: model, checkpoint, step, data, classes, protocol, top1, top5, loss, "
                         "real_top1, real_top5, params, ops, images")
+    p.add_argument("--print-freq", type=int, default=10, help="progress line every N batches")
     return p
 
 
@@ -68,8 +69,10 @@ def check_args(args) -> None:
     """The flags that cannot work, before anything is read."""
     if not args.data:
         raise ConfigError("no data: pass --data DIR or set DATA (a folder with val/)")
-    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0))
+    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0),
+                   ("--print-freq", args.print_freq, 1))
     check_input_size(args.input_size)
+    check_output_file(args.results_file, "--results-file", "results.jsonl")
 
 
 def evaluate_checkpoint(args):
@@ -128,7 +131,8 @@ def evaluate_checkpoint(args):
     model.to(info.device, memory_format=memory_format(args.channels_last))
     settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last,
                             on_logits=scoring(classes, present if args.present_classes_only else None, real,
-                                              info.device))
+                                              info.device),
+                            print_freq=args.print_freq, log=say if info.is_main else None, world_size=info.world_size)
     stats = evaluate(compiled(model, args.compile), loader, settings, prepare=prepare)
     real_top1, real_top5, labelled = real.result() if real else (None, None, None)
     if info.is_main:
