@@ -818,4 +818,20 @@ void bc_block(const bc_block_args* args, int path, int threads) {
     }
 }
 
+// Blocks 0 .. count - 1 in turn, each on the previous one's output, from x [n][h][w][x_stride]; their
+// parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored). The outputs between
+// blocks go to between[0], between[1], between[0], ...; the last block's to y [n][ho][wo][its out].
+void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64_t n, int64_t h, int64_t w,
+               int64_t x_stride, float* const* between, float* y, int path, int threads) {
+    for (int64_t i = 0; i < count; ++i) {
+        bc_block_args a = blocks[i];
+        a.x = x, a.n = n, a.h = h, a.w = w, a.x_stride = x_stride;
+        a.y_stride = a.b.out > 0 ? a.b.out : a.a.out;
+        a.y = i == count - 1 ? y : between[i % 2];
+        bc_block(&a, path, threads);
+        x = a.y, x_stride = a.y_stride;
+        h = (h - 1) / a.a.stride + 1, w = (w - 1) / a.a.stride + 1;
+    }
+}
+
 }  // extern "C"
