@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -561,66 +562,71 @@ BC_TARGET("avx2,fma,popcnt") void conv_avx2(const Stage& st, int64_t first, int6
 
 // The float parts of a conv, known when it is compiled: POOL 0, a lone conv (y = fma(s, scale,
 // shift) only); 1, + the residual at the pixel; 2, + the 2x2 average of the residual; then with
-// POOL > 0 + bias, prelu, + bias_out; with NEXT, sign(y + next_bias) packed too.
-// `acc`: the mismatches, popcount((p xor q) and m), or with `masked` false popcount(p xor q), which
+// POOL > 0 + bias, prelu, + bias_out; with NEXT, sign(y + next_bias) packed too. For `valid` pixels
+// at once, so that each vector of per-channel values is loaded once for all of them.
+// `sums`: the mismatches, popcount((p xor q) and m), or with `masked` false popcount(p xor q), which
 // counts each border tap's weight bits too: taken off here (an input exactly 0 takes the masked way).
-template <int V, int POOL, bool NEXT>
-BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel& px, int64_t block, __m512i* acc,
-                                                  bool masked) {
+template <int R, int V, int POOL, bool NEXT>
+BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* px, int64_t valid, int64_t block,
+                                                  int32_t (*sums)[16 * V], bool masked) {
     constexpr int B = 16 * V;
     const bc_conv& c = *st.conv;
     const int64_t base = block * B, count = std::min<int64_t>(B, c.out - base);
     const __m512 zero = _mm512_setzero_ps();
-    if (!masked)
-        for (uint32_t taps = px.padded; taps; taps &= taps - 1) {
-            const int32_t* ones = c.tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
-            for (int v = 0; v < V; ++v) acc[v] = _mm512_sub_epi32(acc[v], _mm512_loadu_si512(ones + 16 * v));
-        }
-    __m512i s[V];
-    for (int v = 0; v < V; ++v) s[v] = _mm512_sub_epi32(_mm512_set1_epi32(px.ones), _mm512_add_epi32(acc[v], acc[v]));
-    if (c.zero_start[block] != c.zero_start[block + 1]) {
-        alignas(64) int32_t t[B];
-        for (int v = 0; v < V; ++v) _mm512_store_si512(t + 16 * v, s[v]);
-        correct_zero_weights(st, px, block, base, count, t);
-        for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(t + 16 * v);
+    for (int64_t r = 0; r < valid; ++r) {
+        __m512i s[V];
+        for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(sums[r] + 16 * v);
+        if (!masked)
+            for (uint32_t taps = px[r].padded; taps; taps &= taps - 1) {
+                const int32_t* ones = c.tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
+                for (int v = 0; v < V; ++v) s[v] = _mm512_sub_epi32(s[v], _mm512_loadu_si512(ones + 16 * v));
+            }
+        for (int v = 0; v < V; ++v)
+            _mm512_store_si512(sums[r] + 16 * v, _mm512_sub_epi32(_mm512_set1_epi32(px[r].ones), _mm512_add_epi32(s[v], s[v])));
+        if (c.zero_start[block] != c.zero_start[block + 1]) correct_zero_weights(st, px[r], block, base, count, sums[r]);
     }
-    __mmask16 lanes[V];
-    for (int v = 0; v < V; ++v)
-        lanes[v] = count - 16 * v >= 16 ? (__mmask16)0xffff
-                   : count > 16 * v  ? (__mmask16)((1u << (count - 16 * v)) - 1)
-                                     : (__mmask16)0;
-    __m512 out[V];
+    uint32_t m[R][(V + 1) / 2] = {}, p[R][(V + 1) / 2] = {};
     for (int v = 0; v < V; ++v) {
         const int64_t o = base + 16 * v;
-        out[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), _mm512_loadu_ps(c.scale + o), _mm512_loadu_ps(c.shift + o));
-        if (POOL == 1) {
-            const int64_t r = o < st.res_channels ? o : o - st.res_channels;  // out <= 2 res_channels
-            out[v] = _mm512_add_ps(out[v], _mm512_maskz_loadu_ps(lanes[v], px.res[0] + r));
-        } else if (POOL == 2) {
-            __m512 sum = zero;
-            for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes[v], px.res[d] + o));
-            out[v] = _mm512_add_ps(out[v], _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
-        }
+        const __mmask16 lanes = count - 16 * v >= 16 ? (__mmask16)0xffff
+                                : count > 16 * v     ? (__mmask16)((1u << (count - 16 * v)) - 1)
+                                                     : (__mmask16)0;
+        const int64_t ro = o < st.res_channels ? o : o - st.res_channels;  // out <= 2 res_channels
+        const __m512 scale = _mm512_loadu_ps(c.scale + o), shift = _mm512_loadu_ps(c.shift + o);
+        __m512 bias = zero, slope = zero, bias_out = zero, next_bias = zero;
         if (POOL) {
-            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias + o));
-            out[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out[v], zero, _CMP_GT_OQ),
-                                          _mm512_mul_ps(out[v], _mm512_loadu_ps(st.slope + o)), out[v]);
-            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias_out + o));
+            bias = _mm512_loadu_ps(st.bias + o), slope = _mm512_loadu_ps(st.slope + o);
+            bias_out = _mm512_loadu_ps(st.bias_out + o);
         }
-        _mm512_mask_storeu_ps(px.y + o, lanes[v], out[v]);
+        if (NEXT) next_bias = _mm512_loadu_ps(st.next_bias + o);
+        for (int64_t r = 0; r < valid; ++r) {
+            __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[r] + 16 * v)), scale, shift);
+            if (POOL == 1) {
+                out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(lanes, px[r].res[0] + ro));
+            } else if (POOL == 2) {
+                __m512 sum = zero;
+                for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, px[r].res[d] + o));
+                out = _mm512_add_ps(out, _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
+            }
+            if (POOL) {
+                out = _mm512_add_ps(out, bias);
+                out = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out, zero, _CMP_GT_OQ), _mm512_mul_ps(out, slope), out);
+                out = _mm512_add_ps(out, bias_out);
+            }
+            _mm512_mask_storeu_ps(px[r].y + o, lanes, out);
+            if (NEXT) {
+                const __m512 t = _mm512_add_ps(out, next_bias);
+                m[r][v / 2] |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_NEQ_UQ) << (16 * (v % 2));
+                p[r][v / 2] |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_GT_OQ) << (16 * (v % 2));
+            }
+        }
     }
     if (NEXT)
-        for (int64_t j = 0; j < V / 2 && base / 32 + j < st.next_words; ++j) {
-            uint32_t m = 0, p = 0;
-            for (int h = 0; h < 2; ++h) {
-                const int v = 2 * j + h;
-                const __m512 t = _mm512_add_ps(out[v], _mm512_loadu_ps(st.next_bias + base + 16 * v));
-                m |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_NEQ_UQ) << (16 * h);
-                p |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_GT_OQ) << (16 * h);
+        for (int64_t r = 0; r < valid; ++r)
+            for (int64_t j = 0; j < (V + 1) / 2 && base / 32 + j < st.next_words; ++j) {
+                px[r].next[base / 32 + j] = (int32_t)m[r][j];
+                px[r].next[st.next_words + base / 32 + j] = (int32_t)p[r][j];
             }
-            px.next[base / 32 + j] = (int32_t)m;
-            px.next[st.next_words + base / 32 + j] = (int32_t)p;
-        }
 }
 
 // Adds the mismatches of R pixels x V vectors of 16 outputs over a weight row to acc: with `masked`,
@@ -674,7 +680,10 @@ BC_TARGET(BC_AVX512) void conv_avx512(const Stage& st, int64_t first, int64_t la
                 mismatches<R, V, true>(st, in, wq, acc);
             else
                 mismatches<R, V, false>(st, in, wq, acc);
-            for (int r = 0; r < valid; ++r) finish_avx512<V, POOL, NEXT>(st, px[r], b, acc[r], masked);
+            alignas(64) int32_t sums[R][B];  // through memory: the accumulators stay in registers
+            for (int r = 0; r < R; ++r)
+                for (int v = 0; v < V; ++v) _mm512_store_si512(sums[r] + 16 * v, acc[r][v]);
+            finish_avx512<R, V, POOL, NEXT>(st, px, valid, b, sums, masked);
         }
     }
 }
@@ -717,7 +726,14 @@ PackRows pack_rows_of(int path) {
     return pack_rows<pack_pixel_scalar>;
 }
 
-void run_conv(Stage& st, int path, int threads) {
+// A conv of `st` made ready: its rows function, the pixels it takes at a time, its work per pixel in
+// (word, output) pairs, the float parts counted as 8 words.
+struct Ready {
+    ConvRows rows;
+    int64_t step, work;
+};
+
+Ready ready(Stage& st, int path) {
     const bc_conv& c = *st.conv;
     st.words = words_of(c.in);
     st.blocks = (c.out + c.block - 1) / c.block;
@@ -726,11 +742,21 @@ void run_conv(Stage& st, int path, int threads) {
     for (int64_t dy = 0; dy < c.k; ++dy)
         for (int64_t dx = 0; dx < c.k; ++dx)
             for (int64_t w = 0; w < st.words; ++w) st.offsets.push_back((int32_t)((dy * st.wp + dx) * 2 * st.words + w));
-    int64_t step;
-    const ConvRows rows = conv_rows(path, c, st.pool, st.next != nullptr, &step);
-    // Work per pixel in (word, output) pairs, the float parts counted as 8 words.
-    const int64_t work = (st.taps * st.words + 8) * st.blocks * c.block;
-    parallel(threads, st.pixels, (1 << 17) / work + 1, step, [&](int64_t first, int64_t last) { rows(st, first, last); });
+    Ready r;
+    r.rows = conv_rows(path, c, st.pool, st.next != nullptr, &r.step);
+    r.work = (st.taps * st.words + 8) * st.blocks * c.block;
+    return r;
+}
+
+// The conv `s`, then where `t` is not null the 1x1 conv `t` on its output (the same pixels): chunk by
+// chunk, so that a chunk of s's output is still in the caches when t reads it.
+void run_convs(Stage& s, Stage* t, int path, int threads) {
+    const Ready a = ready(s, path), b = t ? ready(*t, path) : Ready{nullptr, 1, 0};
+    const int64_t step = std::lcm(a.step, b.step);
+    parallel(threads, s.pixels, (1 << 17) / (a.work + b.work) + 1, step, [&](int64_t first, int64_t last) {
+        a.rows(s, first, last);
+        if (t) b.rows(*t, first, last);
+    });
 }
 
 // Bytes of the caches the images of one pass through a block may fill.
@@ -805,8 +831,6 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         s.bias = a.bias1, s.slope = a.slope1, s.bias_out = a.bias_out1;
         s.y = two ? mid : y, s.y_stride = two ? a.a.out : a.y_stride;
         if (two) s.next_bias = a.next_bias, s.next = mid_planes, s.next_words = words_b;
-        run_conv(s, path, threads);
-        if (!two) continue;
         Stage t;
         t.conv = &a.b;
         t.planes = mid_planes;
@@ -814,7 +838,7 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         t.pool = 1, t.res = mid, t.res_stride = a.a.out, t.res_channels = a.a.out;
         t.bias = a.bias2, t.slope = a.slope2, t.bias_out = a.bias_out2;
         t.y = y, t.y_stride = a.y_stride;
-        run_conv(t, path, threads);
+        run_convs(s, two ? &t : nullptr, path, threads);
     }
 }
 
