@@ -573,7 +573,10 @@ BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* 
     const bc_conv& c = *st.conv;
     const int64_t base = block * B, count = std::min<int64_t>(B, c.out - base);
     const __m512 zero = _mm512_setzero_ps();
-    for (int64_t r = 0; r < valid; ++r) {
+    uint32_t mended = 0;  // bit r: sums[r] holds s
+    const bool zeros = c.zero_start[block] != c.zero_start[block + 1];
+    for (int64_t r = 0; r < valid; ++r) {  // the sums s = ones - 2 mismatches where they need mending
+        if (!(masked ? zeros : zeros || px[r].padded)) continue;
         __m512i s[V];
         for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(sums[r] + 16 * v);
         if (!masked)
@@ -583,7 +586,8 @@ BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* 
             }
         for (int v = 0; v < V; ++v)
             _mm512_store_si512(sums[r] + 16 * v, _mm512_sub_epi32(_mm512_set1_epi32(px[r].ones), _mm512_add_epi32(s[v], s[v])));
-        if (c.zero_start[block] != c.zero_start[block + 1]) correct_zero_weights(st, px[r], block, base, count, sums[r]);
+        if (zeros) correct_zero_weights(st, px[r], block, base, count, sums[r]);
+        mended |= 1u << r;
     }
     uint32_t m[R][(V + 1) / 2] = {}, p[R][(V + 1) / 2] = {};
     for (int v = 0; v < V; ++v) {
@@ -600,7 +604,9 @@ BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* 
         }
         if (NEXT) next_bias = _mm512_loadu_ps(st.next_bias + o);
         for (int64_t r = 0; r < valid; ++r) {
-            __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[r] + 16 * v)), scale, shift);
+            __m512i sum = _mm512_load_si512(sums[r] + 16 * v);
+            if (!(mended >> r & 1)) sum = _mm512_sub_epi32(_mm512_set1_epi32(px[r].ones), _mm512_add_epi32(sum, sum));
+            __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, shift);
             if (POOL == 1) {
                 out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(lanes, px[r].res[0] + ro));
             } else if (POOL == 2) {
