@@ -306,9 +306,11 @@ struct Stage {
     const int32_t* planes;        // [images][hp][wp][2 words]
     int64_t hp, wp, ho, wo, pixels;
     std::vector<int32_t> offsets;  // per word of a weight row: its m word's offset from the pixel's first
-    bool zeros = true;             // the input may hold a value exactly 0 (m not full off the border)
+    // Whether the input holds a value exactly 0 (m not full off the border); null: it may.
+    const std::atomic<bool>* zero_in = nullptr;
     // The float parts: y = fma(s, scale, shift), + residual, + bias, prelu(slope), + bias_out; then
-    // sign(y + next_bias) packed into `next` [pixels][2 next_words].
+    // sign(y + next_bias) packed into `next` [images][ho + 2 next_pad][wo + 2 next_pad][2 next_words]
+    // (its border left as it is), `next_zero` set where one is exactly 0.
     int pool = 0;  // residual: 0 none, 1 `res` at the pixel (channel o % res_channels), 2 the 2x2 average of `res`
     const float* res = nullptr;
     int64_t res_stride = 0, res_channels = 1, h = 0, w = 0, ph = 0, pw = 0;  // pool 2: res's size, pooled size
@@ -316,8 +318,15 @@ struct Stage {
     float* y = nullptr;
     int64_t y_stride = 0;
     int32_t* next = nullptr;
-    int64_t next_words = 0;
+    int64_t next_words = 0, next_pad = 0;
+    std::atomic<bool>* next_zero = nullptr;
 };
+
+// Marks the packing of a word of outputs from `first` (of the conv's) with nonzero bits m: one exactly 0.
+BC_INLINE void note_zero(const Stage& st, int64_t first, uint32_t m) {
+    const int64_t left = st.conv->out - first;
+    if (m != (left >= 32 ? ~0u : (1u << left) - 1)) st.next_zero->store(true, std::memory_order_relaxed);
+}
 
 // Where one output pixel's inputs and outputs are.
 struct Pixel {
@@ -333,10 +342,11 @@ struct Pixel {
 // Walks the output pixels (flat over image, row, column) in order, without a division per pixel.
 struct Cursor {
     const Stage& st;
+    const bool zeros;
     int64_t i, image, row, col;
     Cursor(const Stage& stage, int64_t first)
-        : st(stage), i(first), image(first / (stage.ho * stage.wo)), row(first / stage.wo % stage.ho),
-          col(first % stage.wo) {}
+        : st(stage), zeros(!stage.zero_in || stage.zero_in->load(std::memory_order_relaxed)), i(first),
+          image(first / (stage.ho * stage.wo)), row(first / stage.wo % stage.ho), col(first % stage.wo) {}
 
     Pixel get() const {
         const Stage& s = st;
@@ -351,7 +361,7 @@ struct Cursor {
                 if (y < 0 || y >= s.hp - 2 * pad || x < 0 || x >= s.wp - 2 * pad) p.padded |= 1u << t;
             }
         const int32_t whole = s.conv->in * (s.taps - __builtin_popcount(p.padded));
-        if (s.zeros) {
+        if (zeros) {
             p.ones = 0;
             for (int64_t t = 0; t < s.taps; ++t)
                 for (int64_t w = 0; w < s.words; ++w) p.ones += __builtin_popcount((uint32_t)p.in[s.offsets[t * s.words + w]]);
@@ -366,7 +376,9 @@ struct Cursor {
             for (int d = 0; d < 4; ++d) p.res[d] = s.res + ((image * s.h + y + d / 2) * s.w + x + d % 2) * s.res_stride;
         }
         p.y = s.y + i * s.y_stride;
-        p.next = s.next ? s.next + i * 2 * s.next_words : nullptr;
+        const int64_t np = s.next_pad;
+        p.next = s.next ? s.next + ((image * (s.ho + 2 * np) + row + np) * (s.wo + 2 * np) + col + np) * 2 * s.next_words
+                        : nullptr;
         return p;
     }
     void next() {
@@ -431,6 +443,7 @@ BC_INLINE void finish_scalar(const Stage& st, const Pixel& px, int64_t base, int
             if (o % 32 == 31 || j == count - 1) {
                 px.next[o / 32] = (int32_t)m;
                 px.next[st.next_words + o / 32] = (int32_t)p;
+                note_zero(st, o / 32 * 32, m);
                 m = p = 0;
             }
         }
@@ -508,6 +521,7 @@ BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Stage& st, const Pixel& p
     if (px.next) {
         px.next[base / 32] = (int32_t)m;
         px.next[st.next_words + base / 32] = (int32_t)p;
+        note_zero(st, base, m);
     }
 }
 
@@ -632,6 +646,7 @@ BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* 
             for (int64_t j = 0; j < (V + 1) / 2 && base / 32 + j < st.next_words; ++j) {
                 px[r].next[base / 32 + j] = (int32_t)m[r][j];
                 px[r].next[st.next_words + base / 32 + j] = (int32_t)p[r][j];
+                note_zero(st, base + 32 * j, m[r][j]);
             }
 }
 
@@ -799,8 +814,30 @@ void bc_tap_ones(const bc_conv* conv, int32_t* tap_ones) {
             }
 }
 
-void bc_block(const bc_block_args* args, int path, int threads) {
-    const bc_block_args& a = *args;
+// Packed planes of the images of a call, with a zero border of `pad` pixels, and whether a value packed
+// in them was exactly 0.
+struct Packed {
+    int32_t* planes;
+    int64_t pad;
+    std::atomic<bool> zero{false};
+};
+
+// The images' hp x wp planes of `step` words per pixel, zero on a border of `pad` pixels.
+void zero_border(int32_t* planes, int64_t images, int64_t hp, int64_t wp, int64_t pad, int64_t step) {
+    for (int64_t y = 0; y < images * hp; ++y) {
+        int32_t* row = planes + y * wp * step;
+        if (y % hp < pad || y % hp >= hp - pad) {
+            std::fill(row, row + wp * step, 0);
+        } else {
+            std::fill(row, row + pad * step, 0);
+            std::fill(row + (wp - pad) * step, row + wp * step, 0);
+        }
+    }
+}
+
+// Block `a`; its input packed in `in` (null: packed here; else with the border of a's padding), its
+// output packed with `out_bias` into `out` (null: not).
+void run_block(const bc_block_args& a, int path, int threads, const Packed* in, Packed* out, const float* out_bias) {
     const int64_t k = a.a.k, stride = a.a.stride, pad = k / 2, hp = a.h + 2 * pad, wp = a.w + 2 * pad;
     const int64_t ho = (hp - k) / stride + 1, wo = (wp - k) / stride + 1;
     const int64_t words_a = words_of(a.a.in), words_b = words_of(a.a.out), two = a.b.out > 0;
@@ -813,7 +850,6 @@ void bc_block(const bc_block_args* args, int path, int threads) {
     thread_local std::vector<int32_t> space;
     if ((int64_t)space.size() < group * per_image + 16) space.resize(group * per_image + 16);
     int32_t* base = space.data() + (16 - ((uintptr_t)space.data() / 4) % 16) % 16;
-    int32_t* in_planes = base;
     float* mid = reinterpret_cast<float*>(base + (group * planes_a + 15) / 16 * 16);
     int32_t* mid_planes = reinterpret_cast<int32_t*>(mid) + (group * middle + 15) / 16 * 16;
     const PackRows pack = pack_rows_of(path);
@@ -821,13 +857,14 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         const int64_t images = std::min(group, a.n - first);
         const float* x = a.x + first * a.h * a.w * a.x_stride;
         float* y = a.y + first * ho * wo * a.y_stride;
-        const Pack p{x, a.input_bias, a.h, a.w, a.x_stride, a.a.in, pad, words_a, in_planes};
-        parallel(threads, images * hp, (1 << 16) / (wp * a.a.in) + 1, 1,
-                 [&](int64_t f, int64_t l) { pack(p, f, l); });
+        const Pack p{x, a.input_bias, a.h, a.w, a.x_stride, a.a.in, pad, words_a, base};
+        if (!in)
+            parallel(threads, images * hp, (1 << 16) / (wp * a.a.in) + 1, 1,
+                     [&](int64_t f, int64_t l) { pack(p, f, l); });
         Stage s;
         s.conv = &a.a;
-        s.planes = in_planes;
-        s.zeros = p.zero.load(std::memory_order_relaxed);
+        s.planes = in ? in->planes + first * planes_a : base;
+        s.zero_in = in ? &in->zero : &p.zero;
         s.hp = hp, s.wp = wp, s.ho = ho, s.wo = wo, s.pixels = images * ho * wo;
         if (a.residual) {
             s.pool = stride == 2 ? 2 : 1;
@@ -836,31 +873,59 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         }
         s.bias = a.bias1, s.slope = a.slope1, s.bias_out = a.bias_out1;
         s.y = two ? mid : y, s.y_stride = two ? a.a.out : a.y_stride;
-        if (two) s.next_bias = a.next_bias, s.next = mid_planes, s.next_words = words_b;
+        std::atomic<bool> mid_zero{false};
+        if (two) s.next_bias = a.next_bias, s.next = mid_planes, s.next_words = words_b, s.next_zero = &mid_zero;
         Stage t;
         t.conv = &a.b;
         t.planes = mid_planes;
+        t.zero_in = &mid_zero;
         t.hp = ho, t.wp = wo, t.ho = ho, t.wo = wo, t.pixels = images * ho * wo;
         t.pool = 1, t.res = mid, t.res_stride = a.a.out, t.res_channels = a.a.out;
         t.bias = a.bias2, t.slope = a.slope2, t.bias_out = a.bias_out2;
         t.y = y, t.y_stride = a.y_stride;
+        Stage& last = two ? t : s;
+        if (out) {
+            const int64_t np = out->pad;
+            last.next_bias = out_bias, last.next_words = words_of(last.conv->out), last.next_pad = np;
+            last.next = out->planes + first * (ho + 2 * np) * (wo + 2 * np) * 2 * last.next_words;
+            last.next_zero = &out->zero;
+        }
         run_convs(s, two ? &t : nullptr, path, threads);
     }
 }
 
+void bc_block(const bc_block_args* args, int path, int threads) { run_block(*args, path, threads, nullptr, nullptr, nullptr); }
+
 // Blocks 0 .. count - 1 in turn, each on the previous one's output, from x [n][h][w][x_stride]; their
-// parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored). The outputs between
-// blocks go to between[0], between[1], between[0], ...; the last block's to y [n][ho][wo][its out].
+// parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored), each with two convs. The
+// outputs between blocks go to between[0], between[1], between[0], ..., each packed for the next block
+// as it is made; the last block's to y [n][ho][wo][its out].
 void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64_t n, int64_t h, int64_t w,
                int64_t x_stride, float* const* between, float* y, int path, int threads) {
+    int64_t most = 0;  // the largest packed output between blocks, in words
+    for (int64_t i = 0, hi = h, wi = w; i + 1 < count; ++i) {
+        hi = (hi - 1) / blocks[i].a.stride + 1, wi = (wi - 1) / blocks[i].a.stride + 1;
+        const int64_t pad = blocks[i + 1].a.k / 2;
+        most = std::max(most, n * (hi + 2 * pad) * (wi + 2 * pad) * 2 * words_of(blocks[i].b.out));
+    }
+    thread_local std::vector<int32_t> planes;
+    if ((int64_t)planes.size() < 2 * most) planes.resize(2 * most);
+    Packed packed[2];
     for (int64_t i = 0; i < count; ++i) {
         bc_block_args a = blocks[i];
         a.x = x, a.n = n, a.h = h, a.w = w, a.x_stride = x_stride;
-        a.y_stride = a.b.out > 0 ? a.b.out : a.a.out;
+        a.y_stride = a.b.out;
         a.y = i == count - 1 ? y : between[i % 2];
-        bc_block(&a, path, threads);
-        x = a.y, x_stride = a.y_stride;
-        h = (h - 1) / a.a.stride + 1, w = (w - 1) / a.a.stride + 1;
+        const int64_t ho = (h - 1) / a.a.stride + 1, wo = (w - 1) / a.a.stride + 1;
+        Packed* out = i == count - 1 ? nullptr : &packed[i % 2];
+        if (out) {
+            out->planes = planes.data() + (i % 2) * most;
+            out->pad = blocks[i + 1].a.k / 2;
+            out->zero.store(false, std::memory_order_relaxed);
+            zero_border(out->planes, n, ho + 2 * out->pad, wo + 2 * out->pad, out->pad, 2 * words_of(a.b.out));
+        }
+        run_block(a, path, threads, i ? &packed[(i - 1) % 2] : nullptr, out, out ? blocks[i + 1].input_bias : nullptr);
+        x = a.y, x_stride = a.y_stride, h = ho, w = wo;
     }
 }
 
