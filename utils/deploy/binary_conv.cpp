@@ -897,36 +897,49 @@ void run_block(const bc_block_args& a, int path, int threads, const Packed* in, 
 void bc_block(const bc_block_args* args, int path, int threads) { run_block(*args, path, threads, nullptr, nullptr, nullptr); }
 
 // Blocks 0 .. count - 1 in turn, each on the previous one's output, from x [n][h][w][x_stride]; their
-// parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored), each with two convs. The
-// outputs between blocks go to between[0], between[1], between[0], ..., each packed for the next block
-// as it is made; the last block's to y [n][ho][wo][its out].
+// parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored), each with two convs.
+// The outputs between blocks go to between[0], between[1], between[0], ... (each [n][ho][wo][out] of
+// the largest such output), each packed for the next block as it is made; the last block's to y
+// [n][ho][wo][its out]. An image at a time, so that its outputs between blocks stay in the caches;
+// with threads, one image on each at a time, and the images left over (fewer than the threads) each
+// on all of them.
 void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64_t n, int64_t h, int64_t w,
                int64_t x_stride, float* const* between, float* y, int path, int threads) {
-    int64_t most = 0;  // the largest packed output between blocks, in words
-    for (int64_t i = 0, hi = h, wi = w; i + 1 < count; ++i) {
-        hi = (hi - 1) / blocks[i].a.stride + 1, wi = (wi - 1) / blocks[i].a.stride + 1;
-        const int64_t pad = blocks[i + 1].a.k / 2;
-        most = std::max(most, n * (hi + 2 * pad) * (wi + 2 * pad) * 2 * words_of(blocks[i].b.out));
-    }
-    thread_local std::vector<int32_t> planes;
-    if ((int64_t)planes.size() < 2 * most) planes.resize(2 * most);
-    Packed packed[2];
+    int64_t most = 0, packed_most = 0;  // per image: the largest output between blocks, and packed, in words
+    int64_t ho = h, wo = w;
     for (int64_t i = 0; i < count; ++i) {
-        bc_block_args a = blocks[i];
-        a.x = x, a.n = n, a.h = h, a.w = w, a.x_stride = x_stride;
-        a.y_stride = a.b.out;
-        a.y = i == count - 1 ? y : between[i % 2];
-        const int64_t ho = (h - 1) / a.a.stride + 1, wo = (w - 1) / a.a.stride + 1;
-        Packed* out = i == count - 1 ? nullptr : &packed[i % 2];
-        if (out) {
-            out->planes = planes.data() + (i % 2) * most;
-            out->pad = blocks[i + 1].a.k / 2;
-            out->zero.store(false, std::memory_order_relaxed);
-            zero_border(out->planes, n, ho + 2 * out->pad, wo + 2 * out->pad, out->pad, 2 * words_of(a.b.out));
-        }
-        run_block(a, path, threads, i ? &packed[(i - 1) % 2] : nullptr, out, out ? blocks[i + 1].input_bias : nullptr);
-        x = a.y, x_stride = a.y_stride, h = ho, w = wo;
+        ho = (ho - 1) / blocks[i].a.stride + 1, wo = (wo - 1) / blocks[i].a.stride + 1;
+        if (i + 1 == count) break;
+        const int64_t pad = blocks[i + 1].a.k / 2;
+        most = std::max(most, ho * wo * blocks[i].b.out);
+        packed_most = std::max(packed_most, (ho + 2 * pad) * (wo + 2 * pad) * 2 * words_of(blocks[i].b.out));
     }
+    const auto image = [&](int64_t i, int threads) {
+        thread_local std::vector<int32_t> planes;
+        if ((int64_t)planes.size() < 2 * packed_most) planes.resize(2 * packed_most);
+        Packed packed[2];
+        const float* in = x + i * h * w * x_stride;
+        int64_t hi = h, wi = w, stride = x_stride;
+        for (int64_t b = 0; b < count; ++b) {
+            bc_block_args a = blocks[b];
+            a.x = in, a.n = 1, a.h = hi, a.w = wi, a.x_stride = stride;
+            a.y_stride = a.b.out;
+            a.y = b + 1 == count ? y + i * ho * wo * a.b.out : between[b % 2] + i * most;
+            const int64_t hb = (hi - 1) / a.a.stride + 1, wb = (wi - 1) / a.a.stride + 1;
+            Packed* out = b + 1 == count ? nullptr : &packed[b % 2];
+            if (out) {
+                out->planes = planes.data() + (b % 2) * packed_most;
+                out->pad = blocks[b + 1].a.k / 2;
+                out->zero.store(false, std::memory_order_relaxed);
+                zero_border(out->planes, 1, hb + 2 * out->pad, wb + 2 * out->pad, out->pad, 2 * words_of(a.b.out));
+            }
+            run_block(a, path, threads, b ? &packed[(b - 1) % 2] : nullptr, out, out ? blocks[b + 1].input_bias : nullptr);
+            in = a.y, stride = a.y_stride, hi = hb, wi = wb;
+        }
+    };
+    const int64_t shared = threads > 1 ? n / threads * threads : n;
+    Pool::get().run(threads, shared, [&](int64_t i) { image(i, 1); });
+    for (int64_t i = shared; i < n; ++i) image(i, threads);
 }
 
 }  // extern "C"

@@ -76,7 +76,8 @@ def _fused(blocks, x) -> bool:
         return False
     h, w = x.shape[2:]
     for b in blocks:
-        if not (kernel.applies(b.binary_3x3, x) and kernel.fits(b, h, w)) or _hooked(b._modules.values()):
+        modules = b._modules  # not b.binary_3x3: nn.Module.__getattr__ is slow
+        if not (kernel.applies(modules["binary_3x3"], x) and kernel.fits(b, h, w)) or _hooked(modules.values()):
             return False
         h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
     return True
