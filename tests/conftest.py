@@ -3,6 +3,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny import make_checkpoint, make_image_folder, make_teacher
 
@@ -16,6 +17,16 @@ class Tiny:
     data: str
     teacher: str
     step1: str | None = None
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """torch's CPU thread count as it was before each test: an entry point run in the test's process
+    (`python -m utils.export --threads 1`, say) sets it for the process, and the runs of later tests
+    would then sum in another order than the same runs in a process of their own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

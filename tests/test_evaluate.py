@@ -90,11 +90,12 @@ def files(tmp_path_factory):
 
 
 def evaluated(capsys, checkpoint, data, *flags, results=None) -> tuple:
-    """(the results file's row or None, the printed lines) of evaluate.py in this process."""
+    """(the results file's row or None, the printed lines but the progress lines) of evaluate.py in
+    this process."""
     written = ["--results-file", results] if results else []
     evaluate.main([str(a) for a in ["--checkpoint", checkpoint, "--data", data, *TINY, *written, *flags]])
     row = json.loads(open(results).readlines()[-1]) if results else None
-    return row, capsys.readouterr().out.splitlines()
+    return row, [line for line in capsys.readouterr().out.splitlines() if not line.startswith("Test: [")]
 
 
 def accuracy(right1: int, right5: int, images: int, real="") -> str:
