@@ -18,7 +18,7 @@ from models import reactnet_a
 from utils.checkpoint import (check_classes, check_finite, checkpoint_step, detect_format, is_packed, load_weights,
                               num_classes, read_checkpoint, trained_input_size)
 from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
-                       check_input_size, exit_on_error, resolve_device_layout)
+                       check_data_backend, check_input_size, exit_on_error, resolve_device_layout)
 from utils.deploy.packed import load_packed
 from utils.distributed import cleanup, init_distributed
 from utils.engine import LoopSettings, evaluate
@@ -48,6 +48,7 @@ def check_args(args) -> None:
         raise ConfigError("no data: pass --data DIR or set DATA (a folder with val/)")
     check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0))
     check_input_size(args.input_size)
+    check_data_backend(args.data_backend)
 
 
 def evaluate_checkpoint(args):

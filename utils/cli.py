@@ -25,7 +25,8 @@ from .logger import append_line
 from .precision import PRECISIONS
 
 __all__ = ["Parser", "HelpFormatter", "flag_names", "add_loader_flags", "add_device_flags", "check_at_least",
-           "check_input_size", "check_batch_split", "resolve_device_layout", "report", "exit_on_error"]
+           "check_input_size", "check_batch_split", "check_data_backend", "resolve_device_layout", "report",
+           "exit_on_error"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -136,6 +137,13 @@ def check_input_size(size, flag="--input-size") -> None:
     if size is not None and size % 32:
         raise ConfigError(f"{flag} {size} is not a multiple of 32: ReActNet-A halves the resolution five times "
                           "(224 is the recipe's)")
+
+
+def check_data_backend(backend: str) -> None:
+    """--data-backend torch needs TorchCodec (utils.torch_data.check_decoder), imported only then."""
+    if backend == "torch":
+        from .torch_data import check_decoder
+        check_decoder()
 
 
 def check_batch_split(batch_size: int, world_size: int) -> None:

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from ..cli import Parser, check_input_size, exit_on_error
+from ..cli import Parser, check_data_backend, check_input_size, exit_on_error
 from ..data import default_workers
 from ..errors import UserError
 from ..precision import set_precision
@@ -171,6 +171,7 @@ def precision_command(args) -> dict:
 def end_to_end_command(args) -> dict:
     args.batch_size = args.batch_size or on_device(args, 16, 256)
     check_input_size(args.input_size)
+    check_data_backend("torch")  # it measures both backends
     if args.data and (args.images or args.image_size or args.quality is not None):
         raise UserError("--images, --image-size and --quality describe generated JPEGs: "
                         "leave them out with --data")
