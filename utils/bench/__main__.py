@@ -171,10 +171,10 @@ def precision_command(args) -> dict:
 def end_to_end_command(args) -> dict:
     args.batch_size = args.batch_size or on_device(args, 16, 256)
     check_input_size(args.input_size)
-    check_data_backend("torch")  # it measures both backends
     if args.data and (args.images or args.image_size or args.quality is not None):
         raise UserError("--images, --image-size and --quality describe generated JPEGs: "
                         "leave them out with --data")
+    check_data_backend("torch")  # it measures both backends
     fill_jpeg_defaults(args, 4 * args.batch_size)
     set_up_torch(args)
     res = end_to_end.run_end_to_end(args)
