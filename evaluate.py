@@ -10,21 +10,33 @@ taken as step 2 (--step to override). The input size is the training crop size t
 records (packed files too), else 224, said so. The flags it shares with training, and their
 checks, are utils/cli.py's. Each validation image is counted once, whatever the number of
 processes.
+
+The class folders are mapped onto the network's classes by name, as class indices (0 ... N-1)
+or by --class-map (utils/classes.py), and the line before the accuracy says how, and how many
+of the network's classes the data holds. The accuracy is over all the network's classes unless
+--present-classes-only (ImageNet-A and -R) restricts the predictions to the present ones;
+--real-labels FILE adds ImageNet-ReaL's `* ReaL Acc@1 X Acc@5 Y` (utils/real_labels.py).
+ImageNet's variants, their layouts and protocols: docs/evaluation.md.
 """
 import json
 import os
 
+import torch
+
 from models import reactnet_a
-from utils.checkpoint import (check_classes, check_finite, checkpoint_step, detect_format, is_packed, load_weights,
-                              num_classes, read_checkpoint, trained_input_size)
+from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_packed, load_weights, num_classes,
+                              read_checkpoint, recorded_classes, trained_input_size)
+from utils.classes import map_classes, read_class_map, relabel
 from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
-                       check_data_backend, check_input_size, exit_on_error, resolve_device_layout)
+                       check_data_backend, check_input_size, check_output_file, exit_on_error, resolve_device_layout,
+                       say)
 from utils.deploy.packed import load_packed
 from utils.distributed import cleanup, init_distributed
 from utils.engine import LoopSettings, evaluate
 from utils.errors import ConfigError, UserError
 from utils.loaders import build_loader
 from utils.precision import compiled, memory_format, set_precision
+from utils.real_labels import RealScorer, labels_of_images, read_real_labels
 
 
 def get_parser():
@@ -37,8 +49,20 @@ def get_parser():
                      "of 32 (default: the training crop size the checkpoint records, else 224)")
     add_device_flags(p, compile_default="none", compile_help="torch.compile the model with BACKEND (inductor "
                      "unless given; off by default: one pass over the data rarely repays the compilation)")
+    p.add_argument("--class-map", default=None, metavar="FILE",
+                   help="map the class folders onto the network's classes: line k of FILE names the folder of "
+                        "class k (default: by the class names the checkpoint records, ImageNet's wnids for a "
+                        "1000-class one that records none; folders 0 ... N-1 as class indices)")
+    p.add_argument("--present-classes-only", action="store_true",
+                   help="score among the classes the data holds only (the protocol of ImageNet-A and -R); "
+                        "default: among all the network's classes")
+    p.add_argument("--real-labels", default=None, metavar="FILE",
+                   help="ImageNet-ReaL's real.json: print the ReaL accuracy too, over the images with a label, "
+                        "matched by file name (ILSVRC2012_val_NNNNNNNN.JPEG)")
     p.add_argument("--results-file", default=None,
-                   help="append a JSON line: model, checkpoint, step, top1, top5, params, ops, images")
+                   help="append a JSON line: model, checkpoint, step, data, classes, protocol, top1, top5, loss, "
+                        "real_top1, real_top5, params, ops, images")
+    p.add_argument("--print-freq", type=int, default=10, help="progress line every N batches")
     return p
 
 
@@ -46,14 +70,17 @@ def check_args(args) -> None:
     """The flags that cannot work, before anything is read."""
     if not args.data:
         raise ConfigError("no data: pass --data DIR or set DATA (a folder with val/)")
-    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0))
+    check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0),
+                   ("--print-freq", args.print_freq, 1))
     check_input_size(args.input_size)
     check_data_backend(args.data_backend)
+    check_output_file(args.results_file, "--results-file", "results.jsonl")
 
 
 def evaluate_checkpoint(args):
     """Build the network the checkpoint describes, evaluate it on args.data/val; returns EvalStats."""
     check_args(args)
+    class_map = read_class_map(args.class_map) if args.class_map else None
     info = init_distributed()
     check_batch_split(args.batch_size, info.world_size)
     obj = read_checkpoint(args.checkpoint)
@@ -76,15 +103,27 @@ def evaluate_checkpoint(args):
     else:
         model = reactnet_a(binary_weights=step == 2, num_classes=num_classes(detect_format(obj)[1]))
         fmt = load_weights(model, obj)
-    check_classes(args.checkpoint, model.fc.out_features, len(loader.dataset.classes),
-                  f"pass --data with the {model.fc.out_features} classes it was trained on")
+    classes, data = model.fc.out_features, os.path.join(args.data, "val")
+    mapping = map_classes(loader.dataset.classes, classes, recorded_classes(obj), class_map, what=args.checkpoint,
+                          where=data, class_map_path=args.class_map)
+    relabel(loader.dataset, mapping.targets)
+    real = None
+    if args.real_labels:
+        labels = labels_of_images([path for path, _ in loader.dataset.samples],
+                                  read_real_labels(args.real_labels, classes), args.real_labels)
+        real = RealScorer([labels[i] for i in loader.sampler], info.device)
     check_finite(model.state_dict(), args.checkpoint)
     del obj
     how = "from the checkpoint" if saved_step else ("--step" if args.step else "default for released checkpoints")
+    present = mapping.present
+    protocol = f"among the {len(present)} present (--present-classes-only)" if args.present_classes_only else \
+        f"among all {classes}"
     if info.is_main:
         print(f"=> {args.checkpoint}: {fmt} checkpoint, step {step} ({how}); "
               f"input size {input_size}{f' ({size_note})' if size_note else ''}; {len(loader.dataset)} images, "
               f"{info.world_size} process(es)", flush=True)
+        print(f"=> classes: {mapping.how}; {len(present)} of its {classes} classes present, scored {protocol}",
+              flush=True)
     counts = None
     if args.results_file and info.is_main:
         from utils.deploy.opcount import count_ops
@@ -92,18 +131,51 @@ def evaluate_checkpoint(args):
     resolve_device_layout(args, info.device.type == "cuda")
     set_precision(args.precision)
     model.to(info.device, memory_format=memory_format(args.channels_last))
-    settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last)
+    settings = LoopSettings(device=info.device, precision=args.precision, channels_last=args.channels_last,
+                            on_logits=scoring(classes, present if args.present_classes_only else None, real,
+                                              info.device),
+                            print_freq=args.print_freq, log=say if info.is_main else None, world_size=info.world_size)
     stats = evaluate(compiled(model, args.compile), loader, settings, prepare=prepare)
+    real_top1, real_top5, labelled = real.result() if real else (None, None, None)
     if info.is_main:
         print(f"* Acc@1 {stats.top1:.3f} Acc@5 {stats.top5:.3f}", flush=True)
+        if real:
+            print(f"* ReaL Acc@1 {real_top1:.3f} Acc@5 {real_top5:.3f} ({labelled} of the {stats.count} images "
+                  "have ReaL labels)", flush=True)
         if args.results_file:
             row = {"model": "reactnet_a", "checkpoint": os.path.abspath(args.checkpoint), "step": step,
-                   "top1": stats.top1, "top5": stats.top5, "params": counts["params"],
-                   "ops": counts["ops"], "images": stats.count}
+                   "data": os.path.abspath(data), "input_size": input_size, "classes": mapping.how,
+                   "num_classes": classes, "present_classes": len(present),
+                   "protocol": "present classes only" if args.present_classes_only else "all classes",
+                   "top1": stats.top1, "top5": stats.top5, "loss": stats.loss, "images": stats.count,
+                   "params": counts["params"], "ops": counts["ops"]}
+            if real:
+                row.update(real_labels=os.path.abspath(args.real_labels), real_top1=real_top1,
+                           real_top5=real_top5, real_images=labelled)
             os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
             with open(args.results_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return stats
+
+
+def scoring(num_classes: int, present, real, device):
+    """evaluate()'s `on_logits`: the logits of the classes not in `present` set to -inf (None: all
+    classes scored), then the batch scored by the RealScorer `real` (or None); None for neither."""
+    if present is None and real is None:
+        return None
+    absent = None
+    if present is not None:
+        absent = torch.ones(num_classes, dtype=torch.bool)
+        absent[present] = False
+        absent = absent.to(device)
+
+    def on_logits(logits):
+        if absent is not None:
+            logits = logits.masked_fill(absent, float("-inf"))
+        if real is not None:
+            real(logits)
+        return logits
+    return on_logits
 
 
 def main(argv=None):

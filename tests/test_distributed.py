@@ -47,6 +47,8 @@ def test_only_rank0_prints_and_writes(ddp_run):
     assert len(re.findall(r"^\* Acc@1", p.stdout, re.M)) == 2
     assert p.stdout.count("=> data ") == 1 and "2 process(es) x batch 2" in p.stdout
     assert len(re.findall(r"^Epoch: \[0\]\[0/3\]", p.stdout, re.M)) == 1
+    # Validation's progress: rank 0's shard of 5 images in 3 batches, each epoch (rank 1's has 2).
+    assert re.findall(r"^Test: \[(\d/\d)\]", p.stdout, re.M) == ["0/3", "1/3", "2/3"] * 2
     assert sorted(os.listdir(root / "save")) == ["args.json", "checkpoint.pth.tar", "log.jsonl", "log.txt",
                                                   "model_best.pth.tar", "run.lock", "tensorboard"]
     assert len(os.listdir(root / "save" / "tensorboard")) == 1
@@ -64,9 +66,10 @@ def test_validation_counts_each_image_once(ddp_run, tmp_path, capsys):
                             "--batch_size", "4"])
     assert single.count == 9 and single.top1 == pytest.approx(last["val_top1"])
     results = tmp_path / "r.jsonl"
-    run([*TORCHRUN, os.path.join(ROOT, "evaluate.py"), "--checkpoint", ckpt, "--data", data,
-         "--input-size", "32", "-j", "0", "--batch_size", "4", "--results-file", results],
-        OMP_NUM_THREADS="1")
+    p = run([*TORCHRUN, os.path.join(ROOT, "evaluate.py"), "--checkpoint", ckpt, "--data", data,
+             "--input-size", "32", "-j", "0", "--batch_size", "4", "--results-file", results, "--print-freq", "1"],
+            OMP_NUM_THREADS="1")
+    assert re.findall(r"^Test: \[(\d/\d)\]", p.stdout, re.M) == ["0/3", "1/3", "2/3"]  # rank 0's alone
     row = json.loads(results.read_text())
     assert row["images"] == 9 and row["top1"] == pytest.approx(single.top1)
     assert row["top5"] == pytest.approx(single.top5)

@@ -22,6 +22,7 @@ import ast
 import glob
 import importlib
 import importlib.metadata
+import json
 import os
 import re
 import shlex
@@ -44,6 +45,7 @@ CHECKPOINT_PLACEHOLDERS = {"FILE", "CKPT", "step2/output/model_best.pth.tar",
                            "demo_output/step2/model_best.pth.tar", "step1/output/model_best.pth.tar",
                            "demo_output/step1/model_best.pth.tar", "path/to/checkpoint.pth.tar"}
 PACKED_PLACEHOLDERS = {"reactnet_a_1bit.pt"}
+FILE_PLACEHOLDERS = {"/path/to/real.json": "real", "/path/to/class_map.txt": "class_map"}  # -> files[...]
 SHELL_WORDS = {"if", "then", "fi", "[", "]", "scontrol"}  # the SLURM requeue example's own syntax
 
 
@@ -86,10 +88,16 @@ def all_commands() -> list:
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Tiny data (3 classes, 32x32) and what the commands read: a step-2 checkpoint of this
-    repository trained at 32x32 (random weights), its packed file."""
+    """Tiny data (3 classes, 32x32; the validation images named as ImageNet's) and what the commands
+    read: a step-2 checkpoint of this repository trained at 32x32 (random weights), its packed
+    file, ImageNet-ReaL labels of the images, a class map of the folders."""
     root = tmp_path_factory.mktemp("docs")
     data = make_image_folder(root / "data", classes=3, train_per_class=2, val_per_class=2)
+    val = sorted(glob.glob(os.path.join(data, "val", "*", "*.png")))
+    for number, path in enumerate(val, start=1):
+        os.rename(path, os.path.join(os.path.dirname(path), f"ILSVRC2012_val_{number:08d}.png"))
+    (root / "real.json").write_text(json.dumps([[number % 3] for number in range(len(val))]))
+    (root / "class_map.txt").write_text("class0\nclass1\nclass2\n")
     torch.manual_seed(0)
     model = reactnet_a(binary_weights=True, num_classes=3)
     save_checkpoint({"step": 2, "epoch": 1, "state_dict": model.state_dict(), "best_top1_acc": 0.0,
@@ -97,14 +105,17 @@ def files(tmp_path_factory):
     checkpoint = str(root / "ckpt" / "checkpoint.pth.tar")
     packed = str(root / "packed.pt")
     export.export(checkpoint, packed)
-    return {"root": root, "data": data, "checkpoint": checkpoint, "packed": packed}
+    return {"root": root, "data": data, "checkpoint": checkpoint, "packed": packed, "real": str(root / "real.json"),
+            "class_map": str(root / "class_map.txt")}
 
 
 def substituted(words: list, files, out=None) -> list:
     """The words with the placeholders replaced by the generated files (`--out` by `out`)."""
     result = []
     for i, word in enumerate(words):
-        if word in DATA_PLACEHOLDERS or word.startswith("/path/to/imagenet"):
+        if word in FILE_PLACEHOLDERS:
+            word = files[FILE_PLACEHOLDERS[word]]
+        elif word in DATA_PLACEHOLDERS or word.startswith("/path/to/imagenet"):
             word = files["data"]
         elif word in CHECKPOINT_PLACEHOLDERS:
             word = files["checkpoint"]

@@ -94,7 +94,7 @@ def test_checkpoint_problems(tiny, tmp_path, capsys):
 
 
 def test_teacher_problems(tiny, tmp_path, capsys):
-    data, teacher = tiny.data, tiny.teacher
+    data = tiny.data
     save = tmp_path / "save"
     five = make_teacher(tmp_path / "teacher5.pth", num_classes=5)
     err = error_of(train.main, train_args(data, save, five), capsys)
@@ -136,11 +136,20 @@ def test_uneven_batch_split_through_run_sh(tiny, tmp_path):
 
 def test_evaluate_flag_errors(tiny, tmp_path, capsys):
     root, data, teacher = tiny.root, tiny.data, tiny.teacher
+    a_file = tmp_path / "file"
+    a_file.write_text("")
     for flags, message in [(["-j", "-1"], "-j/--workers must be at least 0, got -1"),
                            (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
                            (["--batch-size", "0"], "--batch_size must be at least 1, got 0"),
                            (["--input-size", "0"], "--input-size must be at least 32, got 0"),
-                           (["--input_size", "40"], "--input-size 40 is not a multiple of 32")]:
+                           (["--input_size", "40"], "--input-size 40 is not a multiple of 32"),
+                           (["--print-freq", "0"], "--print-freq must be at least 1, got 0"),
+                           (["--results-file", str(tmp_path)], f"--results-file {tmp_path} names a folder: give a "
+                            f"file's path, e.g. {tmp_path / 'results.jsonl'}"),
+                           (["--results-file", str(a_file / "r.jsonl")], f"--results-file {a_file / 'r.jsonl'}: "
+                            f"{a_file} is not a folder this user can write to")]:
+        # Before anything is read: the checkpoint (a teacher's weights) would be refused.
         assert message in error_of(evaluate.main, ["--checkpoint", teacher, "--data", data, *flags], capsys)
+    assert a_file.read_text() == ""
     assert f"{str(root)!r} is a folder, not a checkpoint file" in error_of(
         evaluate.main, ["--checkpoint", str(root), "--data", data], capsys)

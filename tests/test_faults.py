@@ -2,10 +2,12 @@
 images, stop signals (mid-epoch save and exact continuation), errors on any rank, bad flags found
 before anything is loaded. Tiny CPU runs through the real entry points."""
 import errno
+import json
 import multiprocessing
 import os
 import pty
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -26,6 +28,7 @@ from utils.data import image_folder
 from utils.distributed import DistInfo
 from utils.errors import RunFolderError
 from utils.loaders import build_loader
+from utils.logger import RunLogger
 from utils.preempt import EXIT_INTERRUPTED, EXIT_PREEMPTED, STOP_SIGNALS
 
 LR = recipe.LEARNING_RATE["adam"]
@@ -109,8 +112,13 @@ def test_unreadable_validation_image_keeps_the_trained_epoch(tiny, tmp_path, cap
     p = step(1, bad_data, tmp_path / "save", "--teacher-weights", teacher, check=False)
     assert p.returncode == 1 and str(bad) in p.stderr and "epoch 0 was trained and saved" in p.stderr
     assert read_checkpoint(tmp_path / "save" / "checkpoint.pth.tar")["epoch"] == 1
-    train.main(tiny_args(bad_data, tmp_path / "save", teacher, "--epochs", "1"))
-    assert "1 epochs done, best val Acc@1 none yet" in capsys.readouterr().out
+    flags = tiny_args(bad_data, tmp_path / "save", teacher, "--epochs", "1")
+    assert str(bad) in exit_error(flags, capsys)  # validated again, not trained again
+    shutil.copy(data + "/val/class0/1.png", bad)
+    train.main(flags)
+    out = capsys.readouterr().out
+    assert "1 epochs done, best val Acc@1 none yet; epoch 0 is trained but not validated: validating it first" in out
+    assert "Epoch: [" not in out and [r["epoch"] for r in records(tmp_path / "save")] == [0]
 
 
 def launch_command(data, save, teacher, *flags) -> list:
@@ -203,6 +211,7 @@ def test_sigterm_to_every_process_saves_mid_epoch_and_relaunch_finishes(tiny, tm
     assert f"0 epochs and {ckpt['iteration']} iterations of epoch 0 done" in out
     assert read_checkpoint(save / "checkpoint.pth.tar")["epoch"] == 1 and [r["epoch"] for r in records(save)] == [0]
     assert not [f for f in os.listdir(tmp) if f.startswith(("torchelastic_", "adambnn_torchrun_"))]
+    assert "nvjpeg" not in out  # on a CPU nothing is nvjpeg's to decode
 
 
 def assert_saved_mid_epoch(save):
@@ -309,9 +318,9 @@ def gated_launch(tmp_path):
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(GATE)
 
-    def start(data, save, teacher, at, nproc=1):
-        started.append(launch(data, save, teacher, "--epochs", 1, NPROC_PER_NODE=str(nproc), PYTHONPATH=str(hook),
-                              GATE=str(gate), GATE_AT=at))
+    def start(data, save, teacher, at, nproc=1, epochs=1):
+        started.append(launch(data, save, teacher, "--epochs", epochs, NPROC_PER_NODE=str(nproc),
+                              PYTHONPATH=str(hook), GATE=str(gate), GATE_AT=at))
         return started[-1], gate
 
     yield start
@@ -380,6 +389,29 @@ def test_a_second_ctrl_c_stops_at_once_and_says_the_progress_since_the_checkpoin
                    "the last checkpoint is lost; relaunch the same command to continue from that checkpoint\n")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
+def test_a_stop_during_validation_saves_the_trained_epoch_and_a_relaunch_validates_it(tiny, uninterrupted, tmp_path,
+                                                                                    gated_launch):
+    data, teacher = tiny.data, tiny.teacher
+    save = tmp_path / "save"
+    # Validation's first batch (F.cross_entropy is validation's alone) waits at the gate.
+    proc, gate = gated_launch(data, save, teacher, "torch.nn.functional.cross_entropy", epochs=2)
+    wait_for_file(proc, f"{gate}.0")
+    signal_every_process(proc)
+    gate.touch()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    assert err == (f"=> stopped by SIGTERM while validating epoch 0 (trained; a relaunch validates it): saved "
+                   f"{save / 'checkpoint.pth.tar'}; relaunch the same command to continue\n")
+    assert "Epoch: [0][5/6]" in out and "* Acc@1" not in out  # trained, validation cut short
+    ckpt = read_checkpoint(save / "checkpoint.pth.tar")
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["unvalidated"]["train"]["epoch"]) == (1, 0, 0)
+    p = train_here(1, data, save, "--epochs", 2, "--teacher-weights", teacher, "--deterministic")
+    assert "epoch 0 is trained but not validated: validating it first" in p.stdout
+    assert "Epoch: [0]" not in p.stdout and "Epoch: [1][5/6]" in p.stdout
+    assert_same_run(uninterrupted, save)
+
+
 def tiny_args(data, save, teacher, *flags, step=1):
     """In-process training flags of the tiny runs."""
     return ["--step", str(step), "--data", str(data), "--save", str(save), "--batch_size", "4", "-j", "0",
@@ -409,15 +441,88 @@ def copy_run(save, to, *leave_out):
     return to
 
 
-def test_a_save_with_a_run_but_no_checkpoint_is_refused_untouched(tiny, small, step2_run, tmp_path, capsys):
+def test_a_save_with_a_run_but_no_checkpoint_is_refused_untouched(tiny, step2_run, tmp_path, capsys):
     teacher = tiny.teacher
     save = copy_run(step2_run[0], tmp_path / "save", "checkpoint.pth.tar")
     before = {f: (save / f).read_bytes() for f in ("model_best.pth.tar", "log.jsonl", "args.json")}
-    err = exit_error(tiny_args(small, save, teacher, "--epochs", "1", "--init-checkpoint", step2_run[1], step=2),
+    nowhere = tmp_path / "no_data"  # said first: the data is not looked at
+    err = exit_error(tiny_args(nowhere, save, teacher, "--epochs", "1", "--init-checkpoint", step2_run[1], step=2),
                      capsys)
     assert f"--save {save} holds a run (model_best.pth.tar, log.jsonl, args.json) but no checkpoint.pth.tar" in err
     assert "pass another --save, or move those files away" in err
     assert {f: (save / f).read_bytes() for f in before} == before
+
+
+def test_model_best_is_a_file_of_its_own(step2_run):
+    # Not a link to checkpoint.pth.tar: copying a backup over one (cp writes into the file) or
+    # deleting it to free space must not touch the other.
+    save = step2_run[0]
+    best, ckpt = os.stat(save / "model_best.pth.tar"), os.stat(save / "checkpoint.pth.tar")
+    assert best.st_ino != ckpt.st_ino and best.st_nlink == ckpt.st_nlink == 1
+
+
+def test_a_damaged_log_line_is_set_aside_and_the_run_resumes(tiny, small, step2_run, tmp_path):
+    teacher, init = tiny.teacher, step2_run[1]
+    save = tmp_path / "save"
+    shutil.copytree(step2_run[0], save)
+    log = save / "log.jsonl"
+    with open(log, "a") as f:
+        f.write('{"epoch": 1, "lr": 0.0, "train_lo')  # cut off by a crash mid-write
+    p = train_here(2, small, save, "--epochs", 2, "--teacher-weights", teacher, "--init-checkpoint", init)
+    said = [line for line in p.stdout.splitlines() if "damaged line" in line]
+    assert said == [f"=> 1 damaged line(s) of {log} (cut off by a crash mid-write?) moved to {log}.damaged; the "
+                    "other records are kept"]
+    assert [r["epoch"] for r in records(save)] == [0, 1]
+    assert (save / "log.jsonl.damaged").read_text() == '{"epoch": 1, "lr": 0.0, "train_lo\n'
+
+
+NOT_UTF8 = os.fsdecode(b"bad\xff.png")  # a file name whose bytes are not UTF-8
+
+
+@pytest.mark.parametrize("skip", [0, 1])
+def test_an_unreadable_image_whose_name_is_not_utf8_is_named(tiny, small, tmp_path, skip):
+    bad_data = tmp_path / "data"
+    shutil.copytree(small, bad_data)
+    bad = bad_data / "train" / "class1" / NOT_UTF8
+    os.rename(bad_data / "train" / "class1" / "1.png", bad)
+    bad.write_bytes(b"not an image")
+    shown = str(bad).replace(NOT_UTF8, "bad\\xff.png")  # as bash's $'...' writes the byte
+    save = tmp_path / "save"
+    p = train_here(1, bad_data, save, "--teacher-weights", tiny.teacher, "--skip-bad-images", skip, check=False)
+    log = (save / "log.txt").read_text()
+    if skip:
+        assert p.returncode == 0, p.stderr
+        assert f"=> skipped unreadable training image {shown} (" in p.stdout and shown in log
+    else:
+        assert p.returncode == 1 and p.stderr.startswith(f"error: training image {shown} is unreadable"), p.stderr
+        assert p.stderr.count("\n") == 1 and f"error: training image {shown}" in log
+
+
+def test_init_checkpoint_may_name_step1s_folder(tiny, small, tmp_path, capsys):
+    folder = tmp_path / "step1_output"
+    folder.mkdir()
+    argv = tiny_args(small, tmp_path / "save", tiny.teacher, "--epochs", 1, "--init-checkpoint", folder, step=2)
+    assert exit_error(argv, capsys) == (f"error: --init-checkpoint {folder} is a folder without a model_best.pth.tar: "
+                                        "pass the step-1 checkpoint file, step 1's --save folder's model_best.pth.tar")
+    shutil.copy(tiny.step1, folder / "model_best.pth.tar")
+    train.main(argv)
+    out = capsys.readouterr().out
+    assert f"=> --init-checkpoint {folder} is a folder: step 2 starts from its model_best.pth.tar" in out
+    assert f"=> step 2 starts from {folder / 'model_best.pth.tar'} (this-repo" in out
+
+
+def test_a_reactnet_checkpoint_as_teacher_weights_is_one_short_line(tiny, small, tmp_path, capsys):
+    err = exit_error(tiny_args(small, tmp_path / "save", tiny.step1), capsys)
+    assert err.startswith(f"error: {tiny.step1} does not fit torchvision resnet34 (missing keys: conv1.weight, ")
+    assert "more)" in err and err.endswith("--teacher-weights takes the teacher's own weights, a resnet34 state_dict")
+    assert len(err) < 1000
+
+
+def test_args_json_holds_a_command_that_pastes_back_into_a_shell(tmp_path, monkeypatch):
+    argv = ["utils/train.py", "--step", "1", "--data", str(tmp_path / "my data"), "--save", "it's here"]
+    monkeypatch.setattr(sys, "argv", argv)
+    RunLogger(str(tmp_path)).save_args({})  # what a run writes at its start
+    assert shlex.split(json.loads((tmp_path / "args.json").read_text())["command"]) == argv
 
 
 def test_step2_relaunch_says_a_new_init_checkpoint_is_not_read(tiny, small, step2_run, tmp_path, capsys):

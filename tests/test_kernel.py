@@ -111,6 +111,27 @@ def test_fused_blocks_give_the_values_of_basic_block_forward(paths, select, step
             h = expected
 
 
+def test_values_exactly_0_between_and_inside_fused_blocks_are_packed_as_0_on_every_path(paths, select, step2):
+    # sign(0) = 0: a block's output plus the next block's first bias, and its 3x3 conv's output plus
+    # the 1x1 convs' bias, each made exactly 0 at one pixel and channel.
+    _, packed, x = step2
+    packed = copy.deepcopy(packed)
+    inputs = {}
+    hooks = [packed.feature[3].get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs.setdefault(name, args[0])) for name in ("move11", "move21")]
+    logits(packed, x)
+    for hook in hooks:
+        hook.remove()
+    with torch.no_grad():
+        for name, u in inputs.items():
+            packed.feature[3].get_submodule(name).bias[0, 5] = -u[1, 5, 2, 3]
+    select(kernel.PURE)
+    pure = logits(packed, x)
+    for path in paths:
+        select(path)
+        assert torch.equal(logits(packed, x), pure), path
+
+
 @pytest.fixture
 def threads():
     """torch.set_num_threads for the test; torch's count again afterwards."""

@@ -61,6 +61,9 @@ def test_step1_outputs(pipeline):
     assert args["git_commit"] and args["data"] == "data" and args["save"] == str(save)
     assert re.search(r"Epoch: \[0\]\[0/2\]\tTime .*\tData .*\tLoss .*\tAcc@1 .*\tAcc@5 .*\tlr .*img/s .*ETA",
                      s1.stdout)
+    # Validation's progress, every --print-freq (1) batches: 9 images in batches of 4.
+    line = r"^Test: \[([0-2])/3\]\tTime .*\tData .*\timg/s .*\tETA \d+:\d\d:\d\d$"
+    assert re.findall(line, s1.stdout, re.M) == ["0", "1", "2"] * 2
     # Step 1 really trained: the block convs moved away from the seeded initialisation.
     torch.manual_seed(0)
     init = reactnet_a(binary_weights=False, num_classes=3).state_dict()
@@ -90,6 +93,8 @@ def test_evaluate(pipeline, tmp_path, no_torchcodec):
              "--results-file", results], cwd=tmp_path, PYTHONPATH=no_torchcodec)
     acc = acc1_of(p.stdout)
     assert len(acc) == 1
+    # Progress every --print-freq batches (10 by default) and at the last: 3 batches of 4.
+    assert re.findall(r"^Test: \[(\d)/3\]\tTime .*\timg/s .*\tETA .*$", p.stdout, re.M) == ["0", "2"]
     record = records(root / "s2")[0]
     assert acc[0] == pytest.approx(record["val_top1"], abs=1e-3)
     row = json.loads(results.read_text())
@@ -112,6 +117,8 @@ def test_evaluate_released_layout(pipeline, tmp_path, capsys):
                            "-j", "0", "--batch_size", "9"])
     out = capsys.readouterr().out
     assert "adambnn-release checkpoint, step 2 (default for released checkpoints)" in out
+    assert "=> classes: folder k in sorted order is class k (the checkpoint records no class names); 3 of its 3 " \
+           "classes present, scored among all 3" in out
     record = records(root / "s2")[0]
     assert stats.top1 == pytest.approx(record["val_top1"]) and stats.count == 9
 

@@ -4,8 +4,10 @@ a full disk, through the entry points: tests/test_faults.py and tests/test_resum
 import argparse
 import os
 import re
+import shutil
 import signal
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ import torch
 
 from utils.checkpoint import checkpoint_step, read_checkpoint
 from utils.distributed import DistInfo
-from utils.errors import FolderInUse
+from utils.errors import FolderInUse, RunFolderError
 from utils.run_folder import CheckpointSaver, save_checkpoint
 
 
@@ -35,23 +37,28 @@ def test_save_checkpoint(tmp_path):
         loaded = read_checkpoint(tmp_path / "out" / name)
         assert checkpoint_step(loaded) == 2
         assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
-    # model_best.pth.tar is the file written for checkpoint.pth.tar (a hard link: not written twice);
-    # a later, not-best save must leave it alone.
-    assert os.path.samefile(tmp_path / "out" / "checkpoint.pth.tar", tmp_path / "out" / "model_best.pth.tar")
+    # model_best.pth.tar is a file of its own: writing into checkpoint.pth.tar (as cp does when a
+    # backup is copied over it) leaves it alone, and so does a later, not-best save.
+    with open(tmp_path / "out" / "checkpoint.pth.tar", "r+b") as f:
+        f.write(b"backup")
+    assert read_checkpoint(tmp_path / "out" / "model_best.pth.tar")["epoch"] == 1
     save_checkpoint({**state, "epoch": 2}, tmp_path / "out", is_best=False)
     assert read_checkpoint(tmp_path / "out" / "checkpoint.pth.tar")["epoch"] == 2
     assert read_checkpoint(tmp_path / "out" / "model_best.pth.tar")["epoch"] == 1
 
 
-def test_save_checkpoint_copies_model_best_where_hard_links_fail(tmp_path, monkeypatch):
-    def no_links(src, dst):
-        raise OSError("Operation not permitted (simulated: a filesystem without hard links)")
-    monkeypatch.setattr(os, "link", no_links)
-    save_checkpoint({"step": 1, "epoch": 1}, tmp_path, is_best=True)
-    save_checkpoint({"step": 1, "epoch": 2}, tmp_path, is_best=False)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "model_best.pth.tar"]
-    assert read_checkpoint(tmp_path / "model_best.pth.tar")["epoch"] == 1
-    assert read_checkpoint(tmp_path / "checkpoint.pth.tar")["epoch"] == 2
+def test_the_first_epoch_needs_room_for_checkpoint_and_model_best(tmp_path, monkeypatch):
+    student = torch.nn.Linear(3, 2)
+    checkpoint = sum(t.numel() * 4 for t in student.state_dict().values()) * 3  # weights, Adam's two states
+    saver = CheckpointSaver(str(tmp_path / "save"), DistInfo(), print)
+    try:
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=2 * checkpoint - 1))
+        with pytest.raises(RunFolderError, match="stopped before training an epoch that could not be saved"):
+            saver.check_space(student, "adam")
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=2 * checkpoint))
+        saver.check_space(student, "adam")
+    finally:
+        saver.close()
 
 
 @pytest.mark.parametrize("bad,where", [

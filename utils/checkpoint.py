@@ -30,8 +30,8 @@ import torch.nn as nn
 from .errors import CheckpointError
 
 __all__ = [
-    "read_checkpoint", "detect_format", "remap_state_dict", "load_weights", "num_classes", "check_classes",
-    "checkpoint_step", "trained_input_size", "is_packed", "check_finite", "check_plain", "atomic_save",
+    "read_checkpoint", "detect_format", "remap_state_dict", "load_weights", "misfit", "num_classes", "check_classes",
+    "checkpoint_step", "trained_input_size", "recorded_classes", "is_packed", "check_finite", "check_plain", "atomic_save",
     "atomic_copy", "remove_stale_temporaries", "tensor_bytes", "size_in_mb", "PACKED_FORMAT",
 ]
 
@@ -124,18 +124,24 @@ def load_weights(model: nn.Module, path_or_obj) -> str:
                               "from: evaluate it with evaluate.py, or run it with utils.export.load_packed")
     fmt, state_dict = detect_format(obj)
     state_dict = remap_state_dict(state_dict, model)
+    problems = misfit(state_dict, model)
+    if problems:
+        raise CheckpointError(f"{fmt} checkpoint does not fit {type(model).__name__}: {problems}")
+    model.load_state_dict(state_dict, strict=True)
+    return fmt
+
+
+def misfit(state_dict: Mapping, model: nn.Module) -> str:
+    """What keeps `state_dict` (with `model`'s key names) from loading strictly into `model`: the
+    first missing, unexpected and wrongly shaped keys of each kind (+N more); '' when it fits."""
     target = model.state_dict()
     missing = [k for k in target if k not in state_dict]
     unexpected = [k for k in state_dict if k not in target]
     wrong = [f"{k} {list(getattr(v, 'shape', []))} (model {list(target[k].shape)})"
              for k, v in state_dict.items()
              if k in target and (not isinstance(v, torch.Tensor) or v.shape != target[k].shape)]
-    problems = [f"{name}: {_first(keys)}" for name, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
-    if problems:
-        raise CheckpointError(f"{fmt} checkpoint does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
-    return fmt
+    return "; ".join(f"{name}: {_first(keys)}" for name, keys in
+                     (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys)
 
 
 def num_classes(state_dict: Mapping, what="the checkpoint") -> int:
@@ -170,6 +176,18 @@ def trained_input_size(obj) -> int | None:
     if checkpoint_step(obj) is not None:
         return obj.get("args", {}).get("input_size")
     return 224 if detect_format(obj)[0].endswith("release") else None
+
+
+def recorded_classes(obj) -> list | None:
+    """The class names a file records, in the order of the network's outputs: this repository's
+    checkpoints (the class folders they were trained on) and packed files made from them; None
+    where the file does not say (the releases, a bare state_dict, a version-1 packed file)."""
+    if not (is_packed(obj) or checkpoint_step(obj) is not None):
+        return None
+    classes = obj.get("classes")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"the checkpoint's 'classes' entry is not a list of class names: {str(classes)[:60]}")
+    return classes
 
 
 def is_packed(obj) -> bool:
@@ -240,16 +258,12 @@ def atomic_save(obj, path) -> None:
 
 
 def atomic_copy(src, dst) -> None:
-    """Make `dst` a copy of `src`, atomically. A hard link where the filesystem allows it: a
-    checkpoint is written once, not twice, and stays safe because `atomic_save` always writes a
-    new file and renames it, never rewriting the old one in place; else a byte copy."""
+    """Make `dst` a copy of `src`, atomically: a file of its own (never a link), so that writing
+    or replacing either one never changes the other."""
     def write(tmp):
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
     _replace_atomically(dst, write, os.path.getsize(src))
 
 

@@ -21,12 +21,12 @@ import traceback
 from . import recipe
 from .distributed import cleanup, get_rank
 from .errors import ConfigError, UserError
-from .logger import append_line
+from .logger import append_line, printable
 from .precision import PRECISIONS
 
 __all__ = ["Parser", "HelpFormatter", "flag_names", "add_loader_flags", "add_device_flags", "check_at_least",
-           "check_input_size", "check_batch_split", "check_data_backend", "resolve_device_layout", "report",
-           "exit_on_error"]
+           "check_input_size", "check_writable", "check_output_file", "check_batch_split", "check_data_backend",
+           "resolve_device_layout", "say", "report", "exit_on_error"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,6 +139,26 @@ def check_input_size(size, flag="--input-size") -> None:
                           "(224 is the recipe's)")
 
 
+def check_writable(folder: str, flag: str, given: str | None = None) -> None:
+    """`folder`, or the nearest parent that exists, must be a folder this user can write to
+    (nothing is created); the error names `flag` and what was `given` for it (default: `folder`)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {given or folder}: {existing} is not a folder this user can write to")
+
+
+def check_output_file(path: str | None, flag: str, example: str) -> None:
+    """A file an entry point will write (None: not given), checked before any work: not a folder
+    (`example`: a file name to suggest in it), in a folder this user can write to or create."""
+    if path is None:
+        return
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise ConfigError(f"{flag} {path} names a folder: give a file's path, e.g. {os.path.join(path, example)}")
+    check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
 def check_data_backend(backend: str) -> None:
     """--data-backend torch needs TorchCodec (utils.torch_data.check_decoder), imported only then."""
     if backend == "torch":
@@ -157,13 +177,18 @@ def check_batch_split(batch_size: int, world_size: int) -> None:
 # Errors
 
 
+def say(line: str) -> None:
+    """`line` on stdout, whatever file names it holds (utils.logger.printable)."""
+    print(printable(line), flush=True)
+
+
 def report(line: str, log_dir: str | None = None) -> None:
     """`line` on stderr from this process (rank-prefixed when there are several) and in
     <log_dir>/log.txt when that folder exists."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size > 1:
         line = f"[rank {get_rank()}/{world_size}] {line}"
-    print(line, file=sys.stderr, flush=True)
+    print(printable(line), file=sys.stderr, flush=True)
     if log_dir and os.path.isdir(log_dir):
         try:
             append_line(os.path.join(log_dir, "log.txt"), line)

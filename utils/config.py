@@ -12,7 +12,7 @@ import torch
 
 from . import recipe
 from .cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split, check_data_backend,
-                  check_input_size, resolve_device_layout)
+                  check_input_size, check_writable, resolve_device_layout)
 from .errors import ConfigError
 
 __all__ = ["get_parser", "parse_args", "resolve_args", "schedule_warnings"]
@@ -112,17 +112,8 @@ def resolve_args(args, world_size: int | None = None) -> argparse.Namespace:
         raise ConfigError(f"--batch_size {args.batch_size} is one image per process: at --input-size "
                           f"{args.input_size} the last feature maps are 1x1, and BatchNorm cannot train on one "
                           f"value per channel; use at least {2 * world_size}")
-    check_writable(args.save)
+    check_writable(args.save, "--save")
     return args
-
-
-def check_writable(folder: str) -> None:
-    """`folder`, or the nearest parent that exists, must be a writable folder (nothing is created)."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--save {folder}: {existing} is not a folder this user can write to")
 
 
 def schedule_warnings(args) -> list:

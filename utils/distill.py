@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import check_classes, detect_format, num_classes, read_checkpoint, remap_state_dict
+from .checkpoint import check_classes, detect_format, misfit, num_classes, read_checkpoint, remap_state_dict
 from .distributed import broadcast_object, get_rank
 from .errors import UserError
 
@@ -64,10 +64,11 @@ def build_teacher(name: str, weights_path: str | None, classes: int, log) -> nn.
                             f"the file at {cached} (TORCH_HOME/hub/checkpoints/) or pass --teacher-weights PATH")
         state = weights.get_state_dict(progress=False, check_hash=True)
     teacher = builder(num_classes=teacher_classes)
+    state = remap_state_dict(state, teacher)
     try:
-        teacher.load_state_dict(remap_state_dict(state, teacher), strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise UserError(f"{source} does not fit torchvision {name}: {' '.join(first[:3])}") from None
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError:
+        raise UserError(f"{source} does not fit torchvision {name} ({misfit(state, teacher)}): --teacher-weights "
+                        f"takes the teacher's own weights, a {name} state_dict") from None
     log(f"=> teacher {name} from {source}")
     return teacher.eval().requires_grad_(False)

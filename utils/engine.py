@@ -5,7 +5,8 @@ Both loops take batches from a loader and turn each into a `utils.data.Batch` on
 and run as their `LoopSettings` say (device, arithmetic, memory format, logging, limits).
 The training loop waits for the device only to print a progress line and every `SYNC_EVERY`
 iterations; there the processes agree on whether to stop: a stop signal (preemption), a
-non-finite loss, or more unreadable images than allowed.
+non-finite loss, or more unreadable images than allowed. Validation inside training agrees on a
+stop signal every `SYNC_EVERY` batches too, so that a stop takes as long in either phase.
 """
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from .data import to_device
 from .distributed import all_gather_object, all_reduce_max, all_reduce_sum
 from .errors import DataError, NonFiniteLoss
-from .logger import AverageMeter, progress_line
+from .logger import AverageMeter, progress_line, validation_line
 from .precision import autocast, memory_format
 from .run_folder import Progress
 
@@ -30,7 +31,9 @@ SYNC_EVERY = 10  # iterations between the processes' checks (each waits for the 
 class LoopSettings:
     """How the loops run, the same in every epoch of a run. `stop()` says whether a stop signal
     came (utils.preempt.StopRequest); `log` takes the progress lines (None: none are made);
-    `max_skipped`: unreadable training images skipped per epoch (--skip-bad-images)."""
+    `max_skipped`: unreadable training images skipped per epoch (--skip-bad-images); `on_logits`:
+    evaluate() scores `on_logits(logits)` in place of each batch's float logits, the batches in
+    the loader's order (evaluate.py: the classes absent from the data masked, ReaL labels)."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     channels_last: bool = False
@@ -39,6 +42,7 @@ class LoopSettings:
     world_size: int = 1  # processes, for the images/s of all of them
     max_skipped: int = 0
     stop: Callable | None = None
+    on_logits: Callable | None = None
 
 
 @dataclass
@@ -59,6 +63,7 @@ class EvalStats:
     top1: float
     top5: float
     count: int
+    stopped_at: int | None = None  # batches done when a stop signal ended the pass early
 
 
 def train_step(student, teacher, images, criterion, optimizer, precision="fp32", monitor=None):
@@ -186,25 +191,44 @@ def first_everywhere(items: list):
 @torch.no_grad()
 def evaluate(model, loader, settings: LoopSettings, *, prepare=to_device) -> EvalStats:
     """Plain cross-entropy loss, top-1 and top-5 (%) over the images of all processes' shards
-    (each image once), and their count, on `settings.device` with its precision and memory format.
-    An unreadable image is never skipped: every process finishes its shard, then all raise
-    DataError naming a file (this process's, else another's)."""
-    device = settings.device
+    (each image once), and their count, on `settings.device` with its precision and memory format;
+    a progress line every `settings.print_freq` batches (timed on the host: no waiting for the
+    device). An unreadable image is never skipped: every process finishes its shard, then all
+    raise DataError naming a file (this process's, else another's).
+
+    With `settings.stop`, the processes agree every SYNC_EVERY batches, from the first, on whether
+    a stop signal came, at batches every shard has; `stopped_at` is then set and the figures are
+    not computed."""
+    device, log, stop = settings.device, settings.log, settings.stop
     model.eval()
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, correct@1, correct@5, count
     bad = []
     fmt = memory_format(settings.channels_last)
-    for raw in loader:
+    num_batches = len(loader)
+    # The shards differ by an image at most, their batch counts by one: every process has the
+    # batches of the shortest shard.
+    common = -int(all_reduce_max(torch.tensor([-num_batches], device=device)).item()) if stop else 0
+    batch_time, data_time = AverageMeter("Time", ":6.3f"), AverageMeter("Data", ":6.3f")
+    end = time.perf_counter()
+    for i, raw in enumerate(loader):
         batch = prepare(raw, device)
         bad += batch.bad
-        if batch.images.size(0) == 0:
-            continue
-        with autocast(device, settings.precision):
-            logits = model(batch.images.contiguous(memory_format=fmt))
-        logits = logits.float()
-        sums += torch.stack([F.cross_entropy(logits, batch.target, reduction="sum"),
-                             *correct_topk(logits, batch.target),
-                             logits.new_tensor(logits.size(0))]).double()
+        data_time.update(time.perf_counter() - end)
+        if batch.images.size(0):
+            with autocast(device, settings.precision):
+                logits = model(batch.images.contiguous(memory_format=fmt))
+            logits = logits.float() if settings.on_logits is None else settings.on_logits(logits.float())
+            sums += torch.stack([F.cross_entropy(logits, batch.target, reduction="sum"),
+                                 *correct_topk(logits, batch.target),
+                                 logits.new_tensor(logits.size(0))]).double()
+        batch_time.update(time.perf_counter() - end)
+        if log is not None and (i % settings.print_freq == 0 or i == num_batches - 1):
+            n = batch.images.size(0) * settings.world_size
+            log(validation_line(i, num_batches, batch_time, data_time, n / batch_time.avg))
+        end = time.perf_counter()
+        if i < common and i % SYNC_EVERY == 0 and \
+                all_reduce_max(torch.tensor([int(stop())], device=device)).item():
+            return EvalStats(0.0, 0.0, 0.0, 0, stopped_at=i + 1)
     loss, c1, c5, count, num_bad = all_reduce_sum(torch.cat([sums, sums.new_tensor([len(bad)])])).tolist()
     if num_bad:
         path, reason = first_everywhere(bad)

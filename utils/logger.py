@@ -1,4 +1,6 @@
-"""Progress line, TensorBoard scalars, JSON lines, and the run's arguments and code version.
+"""Progress lines (training's and validation's), TensorBoard scalars, JSON lines, and the run's
+arguments and code version. Every line goes through `printable`: a file name that is not UTF-8
+prints too.
 
 Only rank 0 logs: on other ranks `RunLogger` is built with `enabled=False` and does nothing
 (their errors reach log.txt through `append_line`).
@@ -6,6 +8,7 @@ Only rank 0 logs: on other ranks `RunLogger` is built with `enabled=False` and d
 import datetime
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -37,22 +40,43 @@ def _pair(name, fmt, pair):
     return ("{} {" + fmt + "} ({" + fmt + "})").format(name, *pair)
 
 
+def _position(i, num_batches) -> str:
+    return f"[{i:{len(str(num_batches))}d}/{num_batches}]"
+
+
+def _speed(i, num_batches, batch_time, images_per_s) -> list:
+    eta = datetime.timedelta(seconds=round(batch_time.avg * (num_batches - i - 1)))
+    return [f"img/s {images_per_s:7.1f}", f"ETA {eta}"]
+
+
 def progress_line(epoch, i, num_batches, batch_time, data_time, loss, top1, top5, lr,
                   images_per_s) -> str:
     """The original's 'Epoch: [e][ i/n]  Time  Data  Loss  Acc@1  Acc@5' line (value and running
     average of each), then the learning rate, images/s (all processes) and the epoch's ETA."""
-    width = len(str(num_batches))
-    eta = datetime.timedelta(seconds=round(batch_time.avg * (num_batches - i - 1)))
     return "\t".join([
-        f"Epoch: [{epoch}][{i:{width}d}/{num_batches}]", str(batch_time), str(data_time),
+        f"Epoch: [{epoch}]{_position(i, num_batches)}", str(batch_time), str(data_time),
         _pair("Loss", ":.4e", loss), _pair("Acc@1", ":6.2f", top1), _pair("Acc@5", ":6.2f", top5),
-        f"lr {lr:.4e}", f"img/s {images_per_s:7.1f}", f"ETA {eta}"])
+        f"lr {lr:.4e}", *_speed(i, num_batches, batch_time, images_per_s)])
+
+
+def validation_line(i, num_batches, batch_time, data_time, images_per_s) -> str:
+    """A validation pass's progress: 'Test: [ i/n]  Time  Data', images/s (all processes) and the
+    pass's ETA. No accuracy: reading it would wait for the device, and a sorted validation set's
+    first batches are its first classes only."""
+    return "\t".join([f"Test: {_position(i, num_batches)}", str(batch_time), str(data_time),
+                      *_speed(i, num_batches, batch_time, images_per_s)])
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a path that are not UTF-8 (surrogate-escaped by Python) written as
+    \\xNN, as bash's $'...' reads them: any file name the file system holds can be printed."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def append_line(path: str, line: str) -> None:
     """Append one line to a text file (an error of any process to its run's log.txt)."""
     with open(path, "a") as f:
-        f.write(line + "\n")
+        f.write(printable(line) + "\n")
 
 
 def git_commit() -> str:
@@ -64,6 +88,22 @@ def git_commit() -> str:
         return commit + ("-dirty" if run("status", "--porcelain") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def read_records(path: str) -> tuple[list, list]:
+    """The records of a log.jsonl (JSON objects, one a line), and the lines that are none (bytes)."""
+    records, damaged = [], []
+    with open(path, "rb") as f:
+        for line in filter(bytes.strip, f):
+            try:
+                record = json.loads(line)
+            except ValueError:  # a cut-off line, or bytes that are not UTF-8
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                damaged.append(line)
+    return records, damaged
 
 
 class RunLogger:
@@ -91,6 +131,7 @@ class RunLogger:
 
     def log(self, msg: str):
         if self.enabled:
+            msg = printable(msg)
             print(msg, flush=True)
             if self._file is not None:
                 self._file.write(msg + "\n")
@@ -100,17 +141,22 @@ class RunLogger:
     def save_args(self, args: dict, **extra):
         if self.enabled:
             with open(os.path.join(self.save_dir, "args.json"), "w") as f:
-                json.dump({**args, **extra, "command": " ".join(sys.argv)}, f, indent=2)
+                json.dump({**args, **extra, "command": shlex.join(sys.argv)}, f, indent=2)
 
     def truncate_records(self, epochs_done: int):
         """On resume: forget the records of epochs after the checkpoint (a run killed between
-        writing an epoch's record and its checkpoint trains that epoch again)."""
+        writing an epoch's record and its checkpoint trains that epoch again). A line that is not
+        a record (cut off by a crash mid-write) is moved to log.jsonl.damaged, and said so."""
         path = os.path.join(self.save_dir, "log.jsonl")
         if self.enabled and os.path.isfile(path):
-            with open(path) as f:
-                lines = [x for x in f if x.strip() and json.loads(x).get("epoch", -1) < epochs_done]
+            records, damaged = read_records(path)
             with open(path, "w") as f:
-                f.writelines(lines)
+                f.writelines(json.dumps(r) + "\n" for r in records if r.get("epoch", -1) < epochs_done)
+            if damaged:
+                with open(path + ".damaged", "ab") as f:
+                    f.writelines(line.rstrip(b"\n") + b"\n" for line in damaged)
+                self.log(f"=> {len(damaged)} damaged line(s) of {path} (cut off by a crash mid-write?) moved to "
+                         f"{path}.damaged; the other records are kept")
 
     def log_epoch(self, line: str, record: dict, analysis: dict):
         """An epoch's end: `line` to the console and log.txt, `record` and the `analysis` metrics

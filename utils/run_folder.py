@@ -21,8 +21,8 @@ from .checkpoint import (atomic_copy, atomic_save, check_classes, check_finite, 
 from .distributed import all_gather, all_gather_object, barrier, broadcast_object
 from .errors import CheckpointError, FolderInUse, RunFolderError
 
-__all__ = ["Progress", "TrainState", "CheckpointSaver", "save_checkpoint", "load_init_checkpoint", "format_top1",
-           "CHECKPOINT", "BEST"]
+__all__ = ["Progress", "TrainState", "CheckpointSaver", "save_checkpoint", "init_checkpoint_file",
+           "load_init_checkpoint", "format_top1", "CHECKPOINT", "BEST"]
 
 CHECKPOINT, BEST, LOCK = "checkpoint.pth.tar", "model_best.pth.tar", "run.lock"
 # What a started run writes besides its checkpoint: without the checkpoint a relaunch would start
@@ -48,13 +48,16 @@ class Progress:
 
 @dataclass
 class TrainState:
-    """What changes during a run and is saved with it: the epochs done, the best val Acc@1 so far
-    (None before the first validation), the position inside the current epoch, and the seed the
-    weights were initialised with (step 1's reference for the analysis's C2I)."""
+    """What changes during a run and is saved with it: the epochs trained, the best val Acc@1 so
+    far (None before the first validation), the position inside the current epoch, the seed the
+    weights were initialised with (step 1's reference for the analysis's C2I), and `unvalidated`:
+    while the last epoch trained awaits its validation (a stop or an unreadable image during it),
+    what its record needs from training ({'train': ..., 'analysis': ...}), else None."""
     epoch: int = 0
     best_top1: float | None = None
     progress: Progress = field(default_factory=Progress)
     init_seed: int = 0
+    unvalidated: dict | None = None
 
 
 def rng_state() -> dict:
@@ -71,8 +74,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(state: dict, save_dir, is_best: bool) -> None:
-    """Write `save_dir/checkpoint.pth.tar`, and make `model_best.pth.tar` a copy of it when
-    `is_best`, atomically.
+    """Write `save_dir/checkpoint.pth.tar`, and make `model_best.pth.tar` a copy of it (a file of
+    its own) when `is_best`, atomically.
 
     `state` must hold only what `torch.load(weights_only=True)` reads back (tensors, dicts, lists,
     tuples, str, int, float, bool, None): checked here, so a bad entry fails now, not on resume.
@@ -191,7 +194,7 @@ class CheckpointSaver:
         recipe.set_weight_decay(optimizer, args.weight_decay)
         set_rng_state(ckpt["rng"])
         state = TrainState(epoch=ckpt["epoch"], best_top1=ckpt.get("best_top1_acc"), progress=progress,
-                           init_seed=ckpt.get("init_seed", saved.get("seed", 0)))
+                           init_seed=ckpt.get("init_seed", saved.get("seed", 0)), unvalidated=ckpt.get("unvalidated"))
         init = changed.pop("init_checkpoint", None)
         notes = [f"changed, applied from now on: {', '.join(changed.values())}"] if changed else []
         if init:
@@ -201,14 +204,16 @@ class CheckpointSaver:
 
     def check_space(self, student: nn.Module, optimizer_name: str) -> None:
         """Stop (collectively) before an epoch whose checkpoint the disk cannot hold: the bytes of
-        the last checkpoint, or of the weights and the optimizer's state."""
+        the last checkpoint (a save replaces it, and model_best.pth.tar, each through a temporary
+        file), or before the first save, which adds both files, twice the bytes of the weights and
+        the optimizer's state."""
         problem = None
         if self.info.is_main:
             if os.path.isfile(self.path):
                 needed = os.path.getsize(self.path)
             else:
-                needed = tensor_bytes(student.state_dict()) + OPTIMIZER_STATES[optimizer_name] * sum(
-                    p.numel() * p.element_size() for p in student.parameters())
+                needed = 2 * (tensor_bytes(student.state_dict()) + OPTIMIZER_STATES[optimizer_name] * sum(
+                    p.numel() * p.element_size() for p in student.parameters()))
             free = shutil.disk_usage(self.folder).free
             if free < needed:
                 problem = (f"{self.folder} has {size_in_mb(free)} free and a checkpoint needs about "
@@ -233,6 +238,7 @@ class CheckpointSaver:
                 **record, "epoch": state.epoch, "iteration": state.progress.iteration, "progress": progress,
                 "state_dict": student.state_dict(), "best_top1_acc": state.best_top1,
                 "optimizer": optimizer.state_dict(), "rng": rng_state(), "init_seed": state.init_seed,
+                "unvalidated": state.unvalidated,
             }, self.folder, is_best)
         barrier()
 
@@ -262,9 +268,21 @@ def _lock_folder(folder: str) -> int:
     return fd
 
 
+def init_checkpoint_file(path: str, log) -> str:
+    """--init-checkpoint as given, or the model_best.pth.tar of the folder it names (said so)."""
+    best = os.path.join(path, BEST)
+    if os.path.isdir(path) and os.path.isfile(best):
+        log(f"=> --init-checkpoint {path} is a folder: step 2 starts from its {BEST}")
+        return best
+    return path
+
+
 def load_init_checkpoint(student: nn.Module, path: str, log) -> None:
-    """Load the weights step 2 starts from, step 1's best model (--init-checkpoint), strictly into
-    `student`."""
+    """Load the weights step 2 starts from, step 1's best model (--init-checkpoint, a file: see
+    init_checkpoint_file), strictly into `student`."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"--init-checkpoint {path} is a folder without a {BEST}: pass the step-1 checkpoint "
+                              f"file, step 1's --save folder's {BEST}")
     if not os.path.isfile(path):
         raise CheckpointError(f"step 2 starts from a step-1 checkpoint and {path} does not exist: run step 1 "
                               "first (bash step1/run.sh) or pass --init-checkpoint PATH")

@@ -30,7 +30,8 @@ from .loaders import build_loader
 from .logger import RunLogger, git_commit
 from .precision import compiled, memory_format, set_precision
 from .preempt import Stopped, StopRequest, exit_with_parent, survive_lost_console
-from .run_folder import CheckpointSaver, Progress, TrainState, format_top1, load_init_checkpoint
+from .run_folder import (CheckpointSaver, Progress, TrainState, format_top1, init_checkpoint_file,
+                         load_init_checkpoint)
 
 __all__ = ["main", "train"]
 
@@ -69,6 +70,7 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     set_precision(args.precision)
     for warning in schedule_warnings(args):
         log(f"=> warning: {warning}")
+    resume = saver.read_resume(args.step)  # a --save that cannot be resumed is refused before anything loads
 
     data = dict(workers=args.workers, input_size=args.input_size, log=log)
     train_loader, prepare_train = build_loader("train", args.data_backend, args.data, args.batch_size, info,
@@ -85,19 +87,22 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     student = reactnet_a(binary_weights=recipe.STEPS[args.step]["binary_weights"], num_classes=len(classes))
     optimizer = recipe.build_optimizer(student, args.optimizer, args.learning_rate, args.weight_decay)
-    resume = saver.read_resume(args.step)
     state = TrainState(init_seed=args.seed)
+    if args.step == 2:
+        args.init_checkpoint = init_checkpoint_file(args.init_checkpoint, log)
     if resume is None and args.step == 2:
         load_init_checkpoint(student, args.init_checkpoint, log)
     elif resume is not None:
         state, notes = saver.restore(resume, args, student, optimizer, len(train_loader.dataset),
                                      flag_names(get_parser(args.step)))
         where = f" and {state.progress.iteration} iterations of epoch {state.epoch}" if state.progress.iteration else ""
+        if state.unvalidated is not None:
+            notes.append(f"epoch {state.epoch - 1} is trained but not validated: validating it first")
         log(f"=> resuming from {saver.path}: {state.epoch} epochs{where} done, best val Acc@1 "
             f"{format_top1(state.best_top1)}" + "".join(f"; {note}" for note in notes))
     if signalled(stop, device):
         raise Stopped.during_start_up(stop)
-    if state.epoch >= args.epochs:
+    if state.epoch >= args.epochs and state.unvalidated is None:
         log(f"=> nothing to do: {state.epoch} epochs already done in {args.save} (--epochs {args.epochs})")
         return student
     scheduler = recipe.build_scheduler(optimizer, args.learning_rate, args.epochs, epochs_done=state.epoch)
@@ -121,13 +126,44 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
         f"compile {args.compile}")
 
     logger.open()
-    logger.truncate_records(state.epoch)
+    logger.truncate_records(state.epoch - 1 if state.unvalidated is not None else state.epoch)  # the validated
     commit = git_commit()
     logger.save_args(vars(args), git_commit=commit, world_size=info.world_size, torch=torch.__version__)
     record = {"step": args.step, "arch": "reactnet_a", "args": vars(args), "git_commit": commit,
               "world_size": info.world_size, "train_images": len(train_loader.dataset), "classes": classes}
-    last = args.epochs if args.stop_after_epochs is None else min(args.epochs, state.epoch + args.stop_after_epochs)
     started, first = time.perf_counter(), state.epoch
+
+    def validate() -> None:
+        """Validate the last epoch trained, whose training figures `state.unvalidated` holds; log
+        its record, save. A stop signal or an unreadable image during validation saves it as
+        trained, not validated, for a relaunch to validate."""
+        epoch, trained = state.epoch - 1, state.unvalidated["train"]
+        try:  # the generators as training left them, however often an epoch is validated
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                va = evaluate(eval_model, val_loader, loop, prepare=prepare_val)
+        except DataError as e:
+            saver.save(state, student, optimizer, record)
+            raise DataError(f"{e}; epoch {epoch} was trained and saved, not validated: relaunch once the "
+                            "file is fixed") from None
+        if va.stopped_at is not None:
+            saver.save(state, student, optimizer, record)
+            raise Stopped.by(stop, f"while validating epoch {epoch} (trained; a relaunch validates it)", saver.path)
+        is_best = state.best_top1 is None or va.top1 > state.best_top1
+        state.best_top1 = max(va.top1, state.best_top1 or va.top1)
+        done_here = state.epoch - first  # epochs this launch trained
+        per_epoch = (time.perf_counter() - started) / done_here if done_here else trained["epoch_time"]
+        eta = datetime.timedelta(seconds=round(per_epoch * (args.epochs - state.epoch)))
+        logger.log_epoch(
+            f"* Acc@1 {va.top1:.3f} Acc@5 {va.top5:.3f} (val loss {va.loss:.4f}, {va.count} images; best "
+            f"Acc@1 {state.best_top1:.3f}; train {trained['images_per_s']:.1f} img/s; ETA {eta})",
+            {**trained, "val_loss": va.loss, "val_top1": va.top1, "val_top5": va.top5, "val_images": va.count,
+             "best_top1": state.best_top1}, state.unvalidated["analysis"])
+        state.unvalidated = None
+        saver.save(state, student, optimizer, record, is_best)
+
+    if state.unvalidated is not None:
+        validate()
+    last = args.epochs if args.stop_after_epochs is None else min(args.epochs, state.epoch + args.stop_after_epochs)
     for epoch in range(state.epoch, last):
         saver.check_space(student, args.optimizer)
         lr = optimizer.param_groups[0]["lr"]
@@ -135,32 +171,19 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
         train_loader.sampler.set_epoch(epoch, start=state.progress.iteration * train_loader.batch_size)
         tr = train_one_epoch(model, teacher, train_loader, DistributionLoss(), optimizer, epoch, loop,
                              prepare=prepare_train, progress=state.progress, monitor=monitor)
-        log_data_notes(tr, prepare_train, log)
+        log_data_notes(tr, prepare_train, log, nvjpeg=device.type == "cuda" and epoch == first)
         if tr.stopped_at is not None:
             saver.save(state, student, optimizer, record)
             raise Stopped.by(stop, f"in epoch {epoch} after iteration {tr.stopped_at}", saver.path)
         state.progress = Progress()
         scheduler.step()
         broadcast_buffers(student)  # every rank validates, and the checkpoint holds, rank 0's BN stats
-        try:
-            va = evaluate(eval_model, val_loader, loop, prepare=prepare_val)
-        except DataError as e:  # an unreadable validation image: keep the trained epoch
-            state.epoch = epoch + 1
-            saver.save(state, student, optimizer, record)
-            raise DataError(f"{e}; epoch {epoch} was trained and saved, not validated: relaunch once the "
-                            "file is fixed") from None
-        is_best = state.best_top1 is None or va.top1 > state.best_top1
-        state.epoch, state.best_top1 = epoch + 1, max(va.top1, state.best_top1 or va.top1)
-        eta = (time.perf_counter() - started) / (epoch + 1 - first) * (args.epochs - epoch - 1)
-        logger.log_epoch(
-            f"* Acc@1 {va.top1:.3f} Acc@5 {va.top5:.3f} (val loss {va.loss:.4f}, {va.count} images; best "
-            f"Acc@1 {state.best_top1:.3f}; train {tr.images_per_s:.1f} img/s; ETA "
-            f"{datetime.timedelta(seconds=round(eta))})",
-            {"epoch": epoch, "lr": lr, "train_loss": tr.loss, "train_top1": tr.top1, "train_top5": tr.top5,
-             "val_loss": va.loss, "val_top1": va.top1, "val_top5": va.top5, "val_images": va.count,
-             "best_top1": state.best_top1, "images_per_s": tr.images_per_s, "epoch_time": tr.time},
-            monitor.epoch_metrics() if monitor is not None else {})
-        saver.save(state, student, optimizer, record, is_best)
+        state.epoch = epoch + 1
+        state.unvalidated = {
+            "train": {"epoch": epoch, "lr": lr, "train_loss": tr.loss, "train_top1": tr.top1, "train_top5": tr.top5,
+                      "images_per_s": tr.images_per_s, "epoch_time": tr.time},
+            "analysis": monitor.epoch_metrics() if monitor is not None else {}}
+        validate()
         if epoch + 1 < last and signalled(stop, device):
             raise Stopped.by(stop, f"after epoch {epoch}", saver.path)
     if monitor is not None:
@@ -178,15 +201,17 @@ def signalled(stop, device) -> bool:
     return bool(all_reduce_max(torch.tensor([int(stop())], device=device)).item())
 
 
-def log_data_notes(stats, prepare, log) -> None:
-    """What the epoch's data loading met: skipped unreadable images, CPU-decoded images."""
+def log_data_notes(stats, prepare, log, nvjpeg: bool) -> None:
+    """What the epoch's data loading met: skipped unreadable images; with `nvjpeg` (the torch
+    backend on CUDA, said for a launch's first epoch: the same files every epoch), the images
+    nvjpeg could not take."""
     for path, reason in stats.skipped:
         log(f"=> skipped unreadable training image {path} ({reason})")
     if hasattr(prepare, "take_counts"):
         counts = prepare.take_counts()
-        if counts["cpu_decoded"]:
+        if nvjpeg and counts["cpu_decoded"]:
             log(f"=> {counts['cpu_decoded']} of {counts['decoded']} training images were not "
-                "nvjpeg-decodable (CMYK, grayscale, not JPEG) and were decoded on the CPU")
+                "nvjpeg-decodable (CMYK, grayscale, not JPEG) and were decoded on the CPU (said once)")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 
 from utils.cli import Parser, exit_on_error
 from utils.errors import ConfigError, UserError
+from utils.logger import read_records
 from utils.recipe import LEARNING_RATE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,12 +77,8 @@ def read_log(path: str) -> list[dict]:
     again after a resume, keeps its last line), in epoch order."""
     by_epoch = {}
     if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    rec = json.loads(line)
-                    by_epoch[rec.get("epoch", len(by_epoch))] = rec
+        for rec in read_records(path)[0]:  # a damaged line (a crash mid-write) is no epoch's
+            by_epoch[rec.get("epoch", len(by_epoch))] = rec
     records = [by_epoch[e] for e in sorted(by_epoch)]
     for r in records:  # the spread of |g| and of |step| (90th over 10th percentile)
         for key in ("grad_abs", "step_abs"):

@@ -36,6 +36,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <numeric>
 #include <thread>
 #include <vector>
 
@@ -305,9 +306,11 @@ struct Stage {
     const int32_t* planes;        // [images][hp][wp][2 words]
     int64_t hp, wp, ho, wo, pixels;
     std::vector<int32_t> offsets;  // per word of a weight row: its m word's offset from the pixel's first
-    bool zeros = true;             // the input may hold a value exactly 0 (m not full off the border)
+    // Whether the input holds a value exactly 0 (m not full off the border); null: it may.
+    const std::atomic<bool>* zero_in = nullptr;
     // The float parts: y = fma(s, scale, shift), + residual, + bias, prelu(slope), + bias_out; then
-    // sign(y + next_bias) packed into `next` [pixels][2 next_words].
+    // sign(y + next_bias) packed into `next` [images][ho + 2 next_pad][wo + 2 next_pad][2 next_words]
+    // (its border left as it is), `next_zero` set where one is exactly 0.
     int pool = 0;  // residual: 0 none, 1 `res` at the pixel (channel o % res_channels), 2 the 2x2 average of `res`
     const float* res = nullptr;
     int64_t res_stride = 0, res_channels = 1, h = 0, w = 0, ph = 0, pw = 0;  // pool 2: res's size, pooled size
@@ -315,8 +318,15 @@ struct Stage {
     float* y = nullptr;
     int64_t y_stride = 0;
     int32_t* next = nullptr;
-    int64_t next_words = 0;
+    int64_t next_words = 0, next_pad = 0;
+    std::atomic<bool>* next_zero = nullptr;
 };
+
+// Marks the packing of a word of outputs from `first` (of the conv's) with nonzero bits m: one exactly 0.
+BC_INLINE void note_zero(const Stage& st, int64_t first, uint32_t m) {
+    const int64_t left = st.conv->out - first;
+    if (m != (left >= 32 ? ~0u : (1u << left) - 1)) st.next_zero->store(true, std::memory_order_relaxed);
+}
 
 // Where one output pixel's inputs and outputs are.
 struct Pixel {
@@ -332,10 +342,11 @@ struct Pixel {
 // Walks the output pixels (flat over image, row, column) in order, without a division per pixel.
 struct Cursor {
     const Stage& st;
+    const bool zeros;
     int64_t i, image, row, col;
     Cursor(const Stage& stage, int64_t first)
-        : st(stage), i(first), image(first / (stage.ho * stage.wo)), row(first / stage.wo % stage.ho),
-          col(first % stage.wo) {}
+        : st(stage), zeros(!stage.zero_in || stage.zero_in->load(std::memory_order_relaxed)), i(first),
+          image(first / (stage.ho * stage.wo)), row(first / stage.wo % stage.ho), col(first % stage.wo) {}
 
     Pixel get() const {
         const Stage& s = st;
@@ -350,7 +361,7 @@ struct Cursor {
                 if (y < 0 || y >= s.hp - 2 * pad || x < 0 || x >= s.wp - 2 * pad) p.padded |= 1u << t;
             }
         const int32_t whole = s.conv->in * (s.taps - __builtin_popcount(p.padded));
-        if (s.zeros) {
+        if (zeros) {
             p.ones = 0;
             for (int64_t t = 0; t < s.taps; ++t)
                 for (int64_t w = 0; w < s.words; ++w) p.ones += __builtin_popcount((uint32_t)p.in[s.offsets[t * s.words + w]]);
@@ -365,7 +376,9 @@ struct Cursor {
             for (int d = 0; d < 4; ++d) p.res[d] = s.res + ((image * s.h + y + d / 2) * s.w + x + d % 2) * s.res_stride;
         }
         p.y = s.y + i * s.y_stride;
-        p.next = s.next ? s.next + i * 2 * s.next_words : nullptr;
+        const int64_t np = s.next_pad;
+        p.next = s.next ? s.next + ((image * (s.ho + 2 * np) + row + np) * (s.wo + 2 * np) + col + np) * 2 * s.next_words
+                        : nullptr;
         return p;
     }
     void next() {
@@ -430,6 +443,7 @@ BC_INLINE void finish_scalar(const Stage& st, const Pixel& px, int64_t base, int
             if (o % 32 == 31 || j == count - 1) {
                 px.next[o / 32] = (int32_t)m;
                 px.next[st.next_words + o / 32] = (int32_t)p;
+                note_zero(st, o / 32 * 32, m);
                 m = p = 0;
             }
         }
@@ -507,6 +521,7 @@ BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Stage& st, const Pixel& p
     if (px.next) {
         px.next[base / 32] = (int32_t)m;
         px.next[st.next_words + base / 32] = (int32_t)p;
+        note_zero(st, base, m);
     }
 }
 
@@ -561,66 +576,78 @@ BC_TARGET("avx2,fma,popcnt") void conv_avx2(const Stage& st, int64_t first, int6
 
 // The float parts of a conv, known when it is compiled: POOL 0, a lone conv (y = fma(s, scale,
 // shift) only); 1, + the residual at the pixel; 2, + the 2x2 average of the residual; then with
-// POOL > 0 + bias, prelu, + bias_out; with NEXT, sign(y + next_bias) packed too.
-// `acc`: the mismatches, popcount((p xor q) and m), or with `masked` false popcount(p xor q), which
+// POOL > 0 + bias, prelu, + bias_out; with NEXT, sign(y + next_bias) packed too. For `valid` pixels
+// at once, so that each vector of per-channel values is loaded once for all of them.
+// `sums`: the mismatches, popcount((p xor q) and m), or with `masked` false popcount(p xor q), which
 // counts each border tap's weight bits too: taken off here (an input exactly 0 takes the masked way).
-template <int V, int POOL, bool NEXT>
-BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel& px, int64_t block, __m512i* acc,
-                                                  bool masked) {
+template <int R, int V, int POOL, bool NEXT>
+BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* px, int64_t valid, int64_t block,
+                                                  int32_t (*sums)[16 * V], bool masked) {
     constexpr int B = 16 * V;
     const bc_conv& c = *st.conv;
     const int64_t base = block * B, count = std::min<int64_t>(B, c.out - base);
     const __m512 zero = _mm512_setzero_ps();
-    if (!masked)
-        for (uint32_t taps = px.padded; taps; taps &= taps - 1) {
-            const int32_t* ones = c.tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
-            for (int v = 0; v < V; ++v) acc[v] = _mm512_sub_epi32(acc[v], _mm512_loadu_si512(ones + 16 * v));
-        }
-    __m512i s[V];
-    for (int v = 0; v < V; ++v) s[v] = _mm512_sub_epi32(_mm512_set1_epi32(px.ones), _mm512_add_epi32(acc[v], acc[v]));
-    if (c.zero_start[block] != c.zero_start[block + 1]) {
-        alignas(64) int32_t t[B];
-        for (int v = 0; v < V; ++v) _mm512_store_si512(t + 16 * v, s[v]);
-        correct_zero_weights(st, px, block, base, count, t);
-        for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(t + 16 * v);
+    uint32_t mended = 0;  // bit r: sums[r] holds s
+    const bool zeros = c.zero_start[block] != c.zero_start[block + 1];
+    for (int64_t r = 0; r < valid; ++r) {  // the sums s = ones - 2 mismatches where they need mending
+        if (!(masked ? zeros : zeros || px[r].padded)) continue;
+        __m512i s[V];
+        for (int v = 0; v < V; ++v) s[v] = _mm512_load_si512(sums[r] + 16 * v);
+        if (!masked)
+            for (uint32_t taps = px[r].padded; taps; taps &= taps - 1) {
+                const int32_t* ones = c.tap_ones + (block * st.taps + __builtin_ctz(taps)) * B;
+                for (int v = 0; v < V; ++v) s[v] = _mm512_sub_epi32(s[v], _mm512_loadu_si512(ones + 16 * v));
+            }
+        for (int v = 0; v < V; ++v)
+            _mm512_store_si512(sums[r] + 16 * v, _mm512_sub_epi32(_mm512_set1_epi32(px[r].ones), _mm512_add_epi32(s[v], s[v])));
+        if (zeros) correct_zero_weights(st, px[r], block, base, count, sums[r]);
+        mended |= 1u << r;
     }
-    __mmask16 lanes[V];
-    for (int v = 0; v < V; ++v)
-        lanes[v] = count - 16 * v >= 16 ? (__mmask16)0xffff
-                   : count > 16 * v  ? (__mmask16)((1u << (count - 16 * v)) - 1)
-                                     : (__mmask16)0;
-    __m512 out[V];
+    uint32_t m[R][(V + 1) / 2] = {}, p[R][(V + 1) / 2] = {};
     for (int v = 0; v < V; ++v) {
         const int64_t o = base + 16 * v;
-        out[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[v]), _mm512_loadu_ps(c.scale + o), _mm512_loadu_ps(c.shift + o));
-        if (POOL == 1) {
-            const int64_t r = o < st.res_channels ? o : o - st.res_channels;  // out <= 2 res_channels
-            out[v] = _mm512_add_ps(out[v], _mm512_maskz_loadu_ps(lanes[v], px.res[0] + r));
-        } else if (POOL == 2) {
-            __m512 sum = zero;
-            for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes[v], px.res[d] + o));
-            out[v] = _mm512_add_ps(out[v], _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
-        }
+        const __mmask16 lanes = count - 16 * v >= 16 ? (__mmask16)0xffff
+                                : count > 16 * v     ? (__mmask16)((1u << (count - 16 * v)) - 1)
+                                                     : (__mmask16)0;
+        const int64_t ro = o < st.res_channels ? o : o - st.res_channels;  // out <= 2 res_channels
+        const __m512 scale = _mm512_loadu_ps(c.scale + o), shift = _mm512_loadu_ps(c.shift + o);
+        __m512 bias = zero, slope = zero, bias_out = zero, next_bias = zero;
         if (POOL) {
-            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias + o));
-            out[v] = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out[v], zero, _CMP_GT_OQ),
-                                          _mm512_mul_ps(out[v], _mm512_loadu_ps(st.slope + o)), out[v]);
-            out[v] = _mm512_add_ps(out[v], _mm512_loadu_ps(st.bias_out + o));
+            bias = _mm512_loadu_ps(st.bias + o), slope = _mm512_loadu_ps(st.slope + o);
+            bias_out = _mm512_loadu_ps(st.bias_out + o);
         }
-        _mm512_mask_storeu_ps(px.y + o, lanes[v], out[v]);
+        if (NEXT) next_bias = _mm512_loadu_ps(st.next_bias + o);
+        for (int64_t r = 0; r < valid; ++r) {
+            __m512i sum = _mm512_load_si512(sums[r] + 16 * v);
+            if (!(mended >> r & 1)) sum = _mm512_sub_epi32(_mm512_set1_epi32(px[r].ones), _mm512_add_epi32(sum, sum));
+            __m512 out = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, shift);
+            if (POOL == 1) {
+                out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(lanes, px[r].res[0] + ro));
+            } else if (POOL == 2) {
+                __m512 sum = zero;
+                for (int d = 0; d < 4; ++d) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(lanes, px[r].res[d] + o));
+                out = _mm512_add_ps(out, _mm512_mul_ps(sum, _mm512_set1_ps(0.25f)));
+            }
+            if (POOL) {
+                out = _mm512_add_ps(out, bias);
+                out = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(out, zero, _CMP_GT_OQ), _mm512_mul_ps(out, slope), out);
+                out = _mm512_add_ps(out, bias_out);
+            }
+            _mm512_mask_storeu_ps(px[r].y + o, lanes, out);
+            if (NEXT) {
+                const __m512 t = _mm512_add_ps(out, next_bias);
+                m[r][v / 2] |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_NEQ_UQ) << (16 * (v % 2));
+                p[r][v / 2] |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes, t, zero, _CMP_GT_OQ) << (16 * (v % 2));
+            }
+        }
     }
     if (NEXT)
-        for (int64_t j = 0; j < V / 2 && base / 32 + j < st.next_words; ++j) {
-            uint32_t m = 0, p = 0;
-            for (int h = 0; h < 2; ++h) {
-                const int v = 2 * j + h;
-                const __m512 t = _mm512_add_ps(out[v], _mm512_loadu_ps(st.next_bias + base + 16 * v));
-                m |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_NEQ_UQ) << (16 * h);
-                p |= (uint32_t)_mm512_mask_cmp_ps_mask(lanes[v], t, zero, _CMP_GT_OQ) << (16 * h);
+        for (int64_t r = 0; r < valid; ++r)
+            for (int64_t j = 0; j < (V + 1) / 2 && base / 32 + j < st.next_words; ++j) {
+                px[r].next[base / 32 + j] = (int32_t)m[r][j];
+                px[r].next[st.next_words + base / 32 + j] = (int32_t)p[r][j];
+                note_zero(st, base + 32 * j, m[r][j]);
             }
-            px.next[base / 32 + j] = (int32_t)m;
-            px.next[st.next_words + base / 32 + j] = (int32_t)p;
-        }
 }
 
 // Adds the mismatches of R pixels x V vectors of 16 outputs over a weight row to acc: with `masked`,
@@ -674,7 +701,10 @@ BC_TARGET(BC_AVX512) void conv_avx512(const Stage& st, int64_t first, int64_t la
                 mismatches<R, V, true>(st, in, wq, acc);
             else
                 mismatches<R, V, false>(st, in, wq, acc);
-            for (int r = 0; r < valid; ++r) finish_avx512<V, POOL, NEXT>(st, px[r], b, acc[r], masked);
+            alignas(64) int32_t sums[R][B];  // through memory: the accumulators stay in registers
+            for (int r = 0; r < R; ++r)
+                for (int v = 0; v < V; ++v) _mm512_store_si512(sums[r] + 16 * v, acc[r][v]);
+            finish_avx512<R, V, POOL, NEXT>(st, px, valid, b, sums, masked);
         }
     }
 }
@@ -717,7 +747,14 @@ PackRows pack_rows_of(int path) {
     return pack_rows<pack_pixel_scalar>;
 }
 
-void run_conv(Stage& st, int path, int threads) {
+// A conv of `st` made ready: its rows function, the pixels it takes at a time, its work per pixel in
+// (word, output) pairs, the float parts counted as 8 words.
+struct Ready {
+    ConvRows rows;
+    int64_t step, work;
+};
+
+Ready ready(Stage& st, int path) {
     const bc_conv& c = *st.conv;
     st.words = words_of(c.in);
     st.blocks = (c.out + c.block - 1) / c.block;
@@ -726,11 +763,21 @@ void run_conv(Stage& st, int path, int threads) {
     for (int64_t dy = 0; dy < c.k; ++dy)
         for (int64_t dx = 0; dx < c.k; ++dx)
             for (int64_t w = 0; w < st.words; ++w) st.offsets.push_back((int32_t)((dy * st.wp + dx) * 2 * st.words + w));
-    int64_t step;
-    const ConvRows rows = conv_rows(path, c, st.pool, st.next != nullptr, &step);
-    // Work per pixel in (word, output) pairs, the float parts counted as 8 words.
-    const int64_t work = (st.taps * st.words + 8) * st.blocks * c.block;
-    parallel(threads, st.pixels, (1 << 17) / work + 1, step, [&](int64_t first, int64_t last) { rows(st, first, last); });
+    Ready r;
+    r.rows = conv_rows(path, c, st.pool, st.next != nullptr, &r.step);
+    r.work = (st.taps * st.words + 8) * st.blocks * c.block;
+    return r;
+}
+
+// The conv `s`, then where `t` is not null the 1x1 conv `t` on its output (the same pixels): chunk by
+// chunk, so that a chunk of s's output is still in the caches when t reads it.
+void run_convs(Stage& s, Stage* t, int path, int threads) {
+    const Ready a = ready(s, path), b = t ? ready(*t, path) : Ready{nullptr, 1, 0};
+    const int64_t step = std::lcm(a.step, b.step);
+    parallel(threads, s.pixels, (1 << 17) / (a.work + b.work) + 1, step, [&](int64_t first, int64_t last) {
+        a.rows(s, first, last);
+        if (t) b.rows(*t, first, last);
+    });
 }
 
 // Bytes of the caches the images of one pass through a block may fill.
@@ -767,8 +814,30 @@ void bc_tap_ones(const bc_conv* conv, int32_t* tap_ones) {
             }
 }
 
-void bc_block(const bc_block_args* args, int path, int threads) {
-    const bc_block_args& a = *args;
+// Packed planes of the images of a call, with a zero border of `pad` pixels, and whether a value packed
+// in them was exactly 0.
+struct Packed {
+    int32_t* planes;
+    int64_t pad;
+    std::atomic<bool> zero{false};
+};
+
+// The images' hp x wp planes of `step` words per pixel, zero on a border of `pad` pixels.
+void zero_border(int32_t* planes, int64_t images, int64_t hp, int64_t wp, int64_t pad, int64_t step) {
+    for (int64_t y = 0; y < images * hp; ++y) {
+        int32_t* row = planes + y * wp * step;
+        if (y % hp < pad || y % hp >= hp - pad) {
+            std::fill(row, row + wp * step, 0);
+        } else {
+            std::fill(row, row + pad * step, 0);
+            std::fill(row + (wp - pad) * step, row + wp * step, 0);
+        }
+    }
+}
+
+// Block `a`; its input packed in `in` (null: packed here; else with the border of a's padding), its
+// output packed with `out_bias` into `out` (null: not).
+void run_block(const bc_block_args& a, int path, int threads, const Packed* in, Packed* out, const float* out_bias) {
     const int64_t k = a.a.k, stride = a.a.stride, pad = k / 2, hp = a.h + 2 * pad, wp = a.w + 2 * pad;
     const int64_t ho = (hp - k) / stride + 1, wo = (wp - k) / stride + 1;
     const int64_t words_a = words_of(a.a.in), words_b = words_of(a.a.out), two = a.b.out > 0;
@@ -781,7 +850,6 @@ void bc_block(const bc_block_args* args, int path, int threads) {
     thread_local std::vector<int32_t> space;
     if ((int64_t)space.size() < group * per_image + 16) space.resize(group * per_image + 16);
     int32_t* base = space.data() + (16 - ((uintptr_t)space.data() / 4) % 16) % 16;
-    int32_t* in_planes = base;
     float* mid = reinterpret_cast<float*>(base + (group * planes_a + 15) / 16 * 16);
     int32_t* mid_planes = reinterpret_cast<int32_t*>(mid) + (group * middle + 15) / 16 * 16;
     const PackRows pack = pack_rows_of(path);
@@ -789,13 +857,14 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         const int64_t images = std::min(group, a.n - first);
         const float* x = a.x + first * a.h * a.w * a.x_stride;
         float* y = a.y + first * ho * wo * a.y_stride;
-        const Pack p{x, a.input_bias, a.h, a.w, a.x_stride, a.a.in, pad, words_a, in_planes};
-        parallel(threads, images * hp, (1 << 16) / (wp * a.a.in) + 1, 1,
-                 [&](int64_t f, int64_t l) { pack(p, f, l); });
+        const Pack p{x, a.input_bias, a.h, a.w, a.x_stride, a.a.in, pad, words_a, base};
+        if (!in)
+            parallel(threads, images * hp, (1 << 16) / (wp * a.a.in) + 1, 1,
+                     [&](int64_t f, int64_t l) { pack(p, f, l); });
         Stage s;
         s.conv = &a.a;
-        s.planes = in_planes;
-        s.zeros = p.zero.load(std::memory_order_relaxed);
+        s.planes = in ? in->planes + first * planes_a : base;
+        s.zero_in = in ? &in->zero : &p.zero;
         s.hp = hp, s.wp = wp, s.ho = ho, s.wo = wo, s.pixels = images * ho * wo;
         if (a.residual) {
             s.pool = stride == 2 ? 2 : 1;
@@ -804,18 +873,73 @@ void bc_block(const bc_block_args* args, int path, int threads) {
         }
         s.bias = a.bias1, s.slope = a.slope1, s.bias_out = a.bias_out1;
         s.y = two ? mid : y, s.y_stride = two ? a.a.out : a.y_stride;
-        if (two) s.next_bias = a.next_bias, s.next = mid_planes, s.next_words = words_b;
-        run_conv(s, path, threads);
-        if (!two) continue;
+        std::atomic<bool> mid_zero{false};
+        if (two) s.next_bias = a.next_bias, s.next = mid_planes, s.next_words = words_b, s.next_zero = &mid_zero;
         Stage t;
         t.conv = &a.b;
         t.planes = mid_planes;
+        t.zero_in = &mid_zero;
         t.hp = ho, t.wp = wo, t.ho = ho, t.wo = wo, t.pixels = images * ho * wo;
         t.pool = 1, t.res = mid, t.res_stride = a.a.out, t.res_channels = a.a.out;
         t.bias = a.bias2, t.slope = a.slope2, t.bias_out = a.bias_out2;
         t.y = y, t.y_stride = a.y_stride;
-        run_conv(t, path, threads);
+        Stage& last = two ? t : s;
+        if (out) {
+            const int64_t np = out->pad;
+            last.next_bias = out_bias, last.next_words = words_of(last.conv->out), last.next_pad = np;
+            last.next = out->planes + first * (ho + 2 * np) * (wo + 2 * np) * 2 * last.next_words;
+            last.next_zero = &out->zero;
+        }
+        run_convs(s, two ? &t : nullptr, path, threads);
     }
+}
+
+void bc_block(const bc_block_args* args, int path, int threads) { run_block(*args, path, threads, nullptr, nullptr, nullptr); }
+
+// Blocks 0 .. count - 1 in turn, each on the previous one's output, from x [n][h][w][x_stride]; their
+// parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored), each with two convs.
+// The outputs between blocks go to between[0], between[1], between[0], ... (each [n][ho][wo][out] of
+// the largest such output), each packed for the next block as it is made; the last block's to y
+// [n][ho][wo][its out]. An image at a time, so that its outputs between blocks stay in the caches;
+// with threads, one image on each at a time, and the images left over (fewer than the threads) each
+// on all of them.
+void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64_t n, int64_t h, int64_t w,
+               int64_t x_stride, float* const* between, float* y, int path, int threads) {
+    int64_t most = 0, packed_most = 0;  // per image: the largest output between blocks, and packed, in words
+    int64_t ho = h, wo = w;
+    for (int64_t i = 0; i < count; ++i) {
+        ho = (ho - 1) / blocks[i].a.stride + 1, wo = (wo - 1) / blocks[i].a.stride + 1;
+        if (i + 1 == count) break;
+        const int64_t pad = blocks[i + 1].a.k / 2;
+        most = std::max(most, ho * wo * blocks[i].b.out);
+        packed_most = std::max(packed_most, (ho + 2 * pad) * (wo + 2 * pad) * 2 * words_of(blocks[i].b.out));
+    }
+    const auto image = [&](int64_t i, int threads) {
+        thread_local std::vector<int32_t> planes;
+        if ((int64_t)planes.size() < 2 * packed_most) planes.resize(2 * packed_most);
+        Packed packed[2];
+        const float* in = x + i * h * w * x_stride;
+        int64_t hi = h, wi = w, stride = x_stride;
+        for (int64_t b = 0; b < count; ++b) {
+            bc_block_args a = blocks[b];
+            a.x = in, a.n = 1, a.h = hi, a.w = wi, a.x_stride = stride;
+            a.y_stride = a.b.out;
+            a.y = b + 1 == count ? y + i * ho * wo * a.b.out : between[b % 2] + i * most;
+            const int64_t hb = (hi - 1) / a.a.stride + 1, wb = (wi - 1) / a.a.stride + 1;
+            Packed* out = b + 1 == count ? nullptr : &packed[b % 2];
+            if (out) {
+                out->planes = planes.data() + (b % 2) * packed_most;
+                out->pad = blocks[b + 1].a.k / 2;
+                out->zero.store(false, std::memory_order_relaxed);
+                zero_border(out->planes, 1, hb + 2 * out->pad, wb + 2 * out->pad, out->pad, 2 * words_of(a.b.out));
+            }
+            run_block(a, path, threads, b ? &packed[(b - 1) % 2] : nullptr, out, out ? blocks[b + 1].input_bias : nullptr);
+            in = a.y, stride = a.y_stride, hi = hb, wi = wb;
+        }
+    };
+    const int64_t shared = threads > 1 ? n / threads * threads : n;
+    Pool::get().run(threads, shared, [&](int64_t i) { image(i, 1); });
+    for (int64_t i = shared; i < n; ++i) image(i, threads);
 }
 
 }  // extern "C"

@@ -40,16 +40,44 @@ class PackedNetwork(ReActNetA):
                 return super().forward(x)
             return self.fc(torch.cat([self.features(part) for part in x.split(images)]))
 
+    def features(self, x):
+        """ReActNetA.features. On the CPU the stem computes channels-last memory on every path (the
+        kernel's layout; oneDNN's values), and where the kernel runs every block they are one call."""
+        if x.device.type != "cpu":
+            return super().features(x)
+        stem, *blocks = self.feature
+        x = stem(x.contiguous(memory_format=torch.channels_last))
+        if _fused(blocks, x) and not _hooked(blocks):  # the blocks' forward is not called
+            x = kernel.blocks(self, blocks, x)
+        else:
+            for b in blocks:
+                x = b(x)
+        return torch.flatten(self.pool1(x), 1)
+
 
 class PackedBlock(BasicBlock):
     """A BasicBlock whose binary convs are utils.export.PackedBinaryConv2d and BatchNorms Identity."""
 
     def forward(self, x):
-        if kernel.applies(self.binary_3x3, x) and kernel.fits(self, x) and not self._hooked():
+        if _fused([self], x):
             return kernel.block(self, x)
         return super().forward(x)
 
-    def _hooked(self) -> bool:
-        """Whether a forward hook would see this block's modules."""
-        return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in self._modules.values())
+
+def _hooked(modules) -> bool:
+    """Whether a forward hook would see one of `modules` (utils.ops counts operations so)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+def _fused(blocks, x) -> bool:
+    """Whether the kernel runs PackedBlocks `blocks` in turn from `x`, each in one call: each `applies`
+    and `fits`, and no forward hook would see their modules (BasicBlock.forward calls each)."""
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return False
+    h, w = x.shape[2:]
+    for b in blocks:
+        modules = b._modules  # not b.binary_3x3: nn.Module.__getattr__ is slow
+        if not (kernel.applies(modules["binary_3x3"], x) and kernel.fits(b, h, w)) or _hooked(modules.values()):
+            return False
+        h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
+    return True

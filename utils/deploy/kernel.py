@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PATHS", "PURE", "library", "library_path", "supported", "select", "active", "applies", "fits",
-           "own_threads", "binary_conv", "block"]
+           "own_threads", "binary_conv", "block", "blocks"]
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "binary_conv.cpp")
 # -ffp-contract=off: the fused float parts round each operation as PyTorch does (no fused multiply-add
@@ -129,6 +129,9 @@ def _load(path: str):
     lib.bc_supported.restype = ctypes.c_int
     lib.bc_block.argtypes = [ctypes.POINTER(_Block), ctypes.c_int, ctypes.c_int]
     lib.bc_block.restype = None
+    lib.bc_blocks.argtypes = [ctypes.POINTER(_Block), _i64, _ptr, _i64, _i64, _i64, _i64, ctypes.POINTER(_ptr), _ptr,
+                              ctypes.c_int, ctypes.c_int]
+    lib.bc_blocks.restype = None
     lib.bc_tap_ones.argtypes = [ctypes.POINTER(_Conv), _ptr]
     lib.bc_tap_ones.restype = None
     lib.best = lib.bc_supported().bit_length() - 1  # the best path this CPU runs
@@ -263,10 +266,13 @@ def own_threads(enabled: bool = True):
                 torch.set_num_threads(_own["threads"])
 
 
+def _threads() -> int:
+    """The kernel's threads: torch's, as they were before own_threads."""
+    return _own["threads"] if _own["depth"] else torch.get_num_threads()
+
+
 def _run(args: _Block) -> None:
-    lib = library()
-    threads = _own["threads"] if _own["depth"] else torch.get_num_threads()
-    lib.bc_block(ctypes.byref(args), PATHS.index(active()), threads)
+    library().bc_block(ctypes.byref(args), PATHS.index(active()), _threads())
 
 
 def _rows(t: torch.Tensor) -> tuple:
@@ -295,11 +301,11 @@ def binary_conv(module, u: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)
 
 
-def fits(block, x: torch.Tensor) -> bool:
-    """Whether `block` (utils.deploy.block.PackedBlock) runs on `x` in one kernel call: whole words of
-    channels, and a shortcut whose size is the conv's or 1 (broadcast), as BasicBlock.forward adds
-    it; elsewhere BasicBlock.forward runs (and raises PyTorch's error where the sizes do not fit)."""
-    h, w = x.shape[2:]
+def fits(block, h: int, w: int) -> bool:
+    """Whether `block` (utils.deploy.block.PackedBlock) runs on an input of h x w pixels in one kernel
+    call: whole words of channels, and a shortcut whose size is the conv's or 1 (broadcast), as
+    BasicBlock.forward adds it; elsewhere BasicBlock.forward runs (and raises PyTorch's error where
+    the sizes do not fit)."""
     if block.inplanes % WORD or block.stride not in (1, 2):
         return False
     if block.stride == 1:
@@ -324,16 +330,23 @@ def _block_plan(b) -> tuple:
     return args, (keep_a, keep_b, vectors, move11)
 
 
+def _block_sources(b) -> list:
+    """Every tensor the plan of block `b` is made from (read from the modules' dicts:
+    nn.Module.__getattr__ is slow)."""
+    return [t for m in b._modules.values() for d in (m._parameters, m._buffers) for t in d.values()]
+
+
+def _check_input(b, channels: int) -> None:
+    if channels != b.inplanes:
+        raise ValueError(f"{type(b).__name__} of {b.inplanes} channels got an input of {channels}")
+
+
 def block(b, x: torch.Tensor) -> torch.Tensor:
     """PackedBlock `b` on `x` (where `applies` and `fits`) in one kernel call: BasicBlock.forward's
     values; the output has channels-last memory."""
     n, channels, h, w = x.shape
-    if channels != b.inplanes:
-        raise ValueError(f"{type(b).__name__} of {b.inplanes} channels got an input of {channels}")
-    # Every tensor the plan is made from (read from the modules' dicts: nn.Module.__getattr__ is slow).
-    modules = b._modules
-    sources = [t for m in modules.values() for t in (*m._parameters.values(), *m._buffers.values())]
-    args, keep = _plan(b, sources, lambda: _block_plan(b))
+    _check_input(b, channels)
+    args, keep = _plan(b, _block_sources(b), lambda: _block_plan(b))
     h_out, w_out = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
     x, x_stride = _rows(x.detach())
     y = torch.empty(n, h_out, w_out, b.planes, dtype=torch.float32)
@@ -341,4 +354,31 @@ def block(b, x: torch.Tensor) -> torch.Tensor:
     call.x, call.n, call.h, call.w, call.x_stride = x.data_ptr(), n, h, w, x_stride
     call.y, call.y_stride = y.data_ptr(), b.planes
     _run(call)
+    return y.permute(0, 3, 1, 2)
+
+
+def _chain_plan(chain) -> tuple:
+    """(an array of _Block of the blocks of `chain`, the tensors they point into)."""
+    plans = [_block_plan(b) for b in chain]
+    return (_Block * len(plans))(*(args for args, _ in plans)), [keep for _, keep in plans]
+
+
+def blocks(owner, chain, x: torch.Tensor) -> torch.Tensor:
+    """PackedBlocks `chain` in turn from `x`, each on the previous one's output (each where `applies`
+    and `fits`), in one kernel call, their plan kept with module `owner`: the values of calling
+    them in turn, without a tensor for each block's output or a Python call for each block; the
+    output has channels-last memory."""
+    n, channels, h, w = x.shape
+    _check_input(chain[0], channels)
+    plan, keep = _plan(owner, [t for b in chain for t in _block_sources(b)], lambda: _chain_plan(chain))
+    most = 0  # the largest output between blocks of an image, in floats
+    for i, b in enumerate(chain):
+        h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
+        if i < len(chain) - 1:
+            most = max(most, h * w * b.planes)
+    x, x_stride = _rows(x.detach())
+    between = torch.empty(2, n * most, dtype=torch.float32)
+    y = torch.empty(n, h, w, chain[-1].planes, dtype=torch.float32)
+    library().bc_blocks(plan, len(chain), x.data_ptr(), n, *x.shape[2:], x_stride,
+                        (_ptr * 2)(*(t.data_ptr() for t in between)), y.data_ptr(), PATHS.index(active()), _threads())
     return y.permute(0, 3, 1, 2)
