@@ -28,7 +28,8 @@ from utils.checkpoint import (check_finite, checkpoint_step, detect_format, is_p
                               read_checkpoint, recorded_classes, trained_input_size)
 from utils.classes import map_classes, read_class_map, relabel
 from utils.cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split,
-                       check_input_size, check_output_file, exit_on_error, resolve_device_layout, say)
+                       check_data_backend, check_input_size, check_output_file, exit_on_error, resolve_device_layout,
+                       say)
 from utils.deploy.packed import load_packed
 from utils.distributed import cleanup, init_distributed
 from utils.engine import LoopSettings, evaluate
@@ -72,6 +73,7 @@ def check_args(args) -> None:
     check_at_least(("--batch_size", args.batch_size, 1), ("-j/--workers", args.workers, 0),
                    ("--print-freq", args.print_freq, 1))
     check_input_size(args.input_size)
+    check_data_backend(args.data_backend)
     check_output_file(args.results_file, "--results-file", "results.jsonl")
 
 

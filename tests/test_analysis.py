@@ -2,6 +2,7 @@
 ReActNet-A for two iterations, the loss-landscape grid, and the findings table."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -292,8 +293,10 @@ def test_surface_stats():
     assert landscape.surface_stats(egg)["roughness"] > landscape.surface_stats(bowl)["roughness"]
 
 
-def test_landscape_command_writes_the_grid(tmp_path):
+@pytest.mark.parametrize("plot", [False, True])
+def test_landscape_command_writes_the_grid_with_or_without_matplotlib(tmp_path, plot, monkeypatch, capsys):
     from tests.tiny import make_image_folder
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed
     data = make_image_folder(tmp_path / "data", classes=3, train_per_class=2, val_per_class=1)
     torch.manual_seed(0)
     model = reactnet_a(binary_weights=False, num_classes=3)
@@ -302,7 +305,10 @@ def test_landscape_command_writes_the_grid(tmp_path):
                 "best_top1_acc": 0.0, "args": {"input_size": 32}}, ckpt)
     out = tmp_path / "land"
     landscape.main(["--checkpoint", str(ckpt), "--data", data, "--grid", "2", "--subset", "4",
-                    "--out", str(out), "--no-plot"])
+                    "--out", str(out)] + ([] if plot else ["--no-plot"]))
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said == "landscape: matplotlib is not installed: no plot (pip install matplotlib)" if plot else \
+        said.startswith(f"landscape: wrote {out}.npz")
     res = np.load(str(out) + ".npz")
     assert res["loss"].shape == (2, 2) and np.isfinite(res["loss"]).all()
     settings = json.loads(str(res["settings"]))
@@ -311,7 +317,7 @@ def test_landscape_command_writes_the_grid(tmp_path):
 
 # -- the findings table ----------------------------------------------------------------------
 
-def test_findings_table_from_json_lines(tmp_path):
+def test_findings_table_from_json_lines(tmp_path, monkeypatch):
     log = tmp_path / "log.jsonl"
     lines = [
         {"epoch": 0, "val_top1": 50.0, "best_top1": 50.0, "ff": 0.02, "c2i": 0.1,
@@ -353,6 +359,10 @@ def test_findings_table_from_json_lines(tmp_path):
     text = open(path).read()
     assert table in text
     assert json.load(open(os.path.join(tmp_path, "out", "results.json")))["rows"][0]["run"] == "s1-adam"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed: no plots, said by main()
+    for plot in (findings.plot_runs, findings.plot_layers):
+        assert not plot([run], {"s1-adam": records}, str(tmp_path / "plot.png"), "title")
+    assert not os.path.exists(tmp_path / "plot.png")
 
 
 def test_findings_runs_cover_the_issue():

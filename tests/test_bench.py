@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models import reactnet_a
+from tests.tiny import needs_torchcodec
 from utils.bench import iteration
 from utils.bench.__main__ import get_parser, main
 from utils.bench.baseline import BinaryActivation, HardBinaryConv, baseline_reactnet_a
@@ -160,6 +161,7 @@ def test_precision_check_compares_with_a_float64_loss():
     assert DistributionLoss()(x.detach().bfloat16(), x.detach().bfloat16()).dtype == torch.float32
 
 
+@needs_torchcodec
 def test_end_to_end_benchmark_runs(capsys):
     res = main(["end-to-end", "--device", "cpu", "--batch-size", "2", "--input-size", "32",
                 "--images", "6", "--image-size", "80x60", "-j", "1", "--iterations", "2",

@@ -5,8 +5,11 @@ import json
 import os
 import re
 
-import jsonschema
-import yaml
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in requirements.txt: pip install -r "
+                                 "requirements.txt")
+yaml = pytest.importorskip("yaml", reason="PyYAML is in requirements.txt: pip install -r requirements.txt")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

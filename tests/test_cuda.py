@@ -39,8 +39,8 @@ from models import reactnet_a
 from tests.test_checkpoint import LAYOUTS
 from tests.test_export import RTOL as PACKED_RTOL
 from tests.test_model import FIXTURE, fixture_outputs
-from tests.tiny import (ROOT, env, logits, make_teacher, max_rel_error, randomize, records, run, step, step_command,
-                        wait_for_line)
+from tests.tiny import (ROOT, env, logits, make_teacher, max_rel_error, needs_torchcodec, randomize, records, run,
+                        step, step_command, wait_for_line)
 from utils import data, export, recipe, torch_data
 from utils.bench.__main__ import main as bench
 from utils.checkpoint import read_checkpoint
@@ -138,6 +138,7 @@ def pixel_values(images: torch.Tensor) -> torch.Tensor:
     return (images.cpu() * std + mean) * 255
 
 
+@needs_torchcodec
 def test_nvjpeg_batches_against_pil(jpegs, capsys):
     root = jpegs.root
     pairs = {"train": (torch_data.torch_train_loader(root, 8, 0, seed=1, input_size=INPUT),
@@ -173,7 +174,7 @@ def flags(jpegs, backend) -> list:
     return ["--teacher-weights", jpegs.teacher, "--data-backend", backend, "-j", "2", "--input-size", str(INPUT)]
 
 
-@pytest.mark.parametrize("backend", ["pil", "torch"])
+@pytest.mark.parametrize("backend", ["pil", pytest.param("torch", marks=needs_torchcodec)])
 def test_steps_and_evaluate_with_the_cuda_defaults(jpegs, tmp_path, backend):
     s1 = step(1, jpegs.root, tmp_path / "s1", *flags(jpegs, backend), "--epochs", "2", NCCL_DEBUG="VERSION")
     s2 = step(2, jpegs.root, tmp_path / "s2", *flags(jpegs, backend), "--init-checkpoint",
@@ -196,6 +197,7 @@ def test_steps_and_evaluate_with_the_cuda_defaults(jpegs, tmp_path, backend):
     assert abs(row["top1"] - records(tmp_path / "s2")[0]["val_top1"]) <= 100 / (2 * VAL)
 
 
+@needs_torchcodec
 def test_sigterm_mid_epoch_and_relaunch(jpegs, tmp_path):
     save = tmp_path / "s1"
     cmd = step_command(1, jpegs.root, save, *flags(jpegs, "torch"), "--epochs", "2")
@@ -263,6 +265,7 @@ def compiled_ddp_epochs(argv):
     cleanup()
 
 
+@needs_torchcodec
 def test_end_to_end_throughput(capsys):
     with capsys.disabled():  # the table, to the terminal
         res = bench(["end-to-end", "--device", "cuda", "--batch-size", "32", "--input-size", str(INPUT),

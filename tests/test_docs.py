@@ -13,12 +13,15 @@ generated files:
   points are tests/test_pipeline.py and tests/test_faults.py), evaluation on several GPUs, the
   benchmarks that compile or run long, the analysis tools (`utils.analysis.findings` runs for
   20 minutes), the demo (`bash -n`, and its tiny run is too long for the suite);
-- the set-up and test commands are the ones `.ci/run` runs.
+- the set-up and test commands are the ones `.ci/run` runs; the other `pip` commands (installing
+  into an existing environment, the wheels of the CUDA tier) are parsed by pip's own parser and
+  name the files and pins of the requirements.
 Fenced `python` blocks are compiled, and what they import must exist.
 """
 import ast
 import glob
 import importlib
+import importlib.metadata
 import json
 import os
 import re
@@ -27,11 +30,12 @@ import subprocess
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 import evaluate
 from models import reactnet_a
-from tests.tiny import ROOT, make_image_folder
-from utils import config, export, ops
+from tests.tiny import ROOT, make_image_folder, requirements
+from utils import config, export, ops, torch_data
 from utils.bench.__main__ import get_parser as bench_parser
 from utils.run_folder import save_checkpoint
 
@@ -205,6 +209,9 @@ def check(where, env, words, files, capsys, tmp_path):
         if (args := module_args(words, module)) is not None:
             importlib.import_module(module).get_parser().parse_args(substituted(args, files))
             return "parsed"
+    if words[0] == "pip" and words[1:] != ["install", "-r", "requirements.txt"]:
+        check_pip(words)
+        return "parsed"
     if words[:3] == ["python", "-m", "pytest"] or words[0] in ("python3", ".", "pip"):
         ci = open(os.path.join(ROOT, ".ci", "run")).read()
         assert " ".join(words) in ci or words[-1] == "tests", f"{where}: {words} is not what .ci/run runs"
@@ -214,6 +221,19 @@ def check(where, env, words, files, capsys, tmp_path):
         return "parsed"
     raise AssertionError(f"{where}: no check for the documented command {' '.join(words)!r}: add one to "
                          "tests/test_docs.py")
+
+
+def check_pip(words):
+    """pip's own parser takes the command; the requirement files it names exist, and each package
+    it names is in requirements.txt, at its pin where it has one."""
+    from pip._internal.commands import create_command
+    options, names = create_command(words[1]).parse_args(words[2:])
+    for path in getattr(options, "requirements", []):
+        assert os.path.isfile(os.path.join(ROOT, path)), path
+    pins = requirements()
+    for name in names:
+        req = Requirement(name)
+        assert req.name.lower() in pins and req.specifier in ("", pins[req.name.lower()].specifier), name
 
 
 def bench_run(args):
@@ -234,6 +254,31 @@ def test_setup_and_test_commands_are_what_ci_runs():
     for line in ("python3 -m venv .venv && . .venv/bin/activate && pip install -r requirements.txt",
                  "python -m pytest -q tests"):
         assert line in readme and line in ci
+
+
+def dependencies(name: str) -> set:
+    """The installed distribution `name` and all it depends on, installed, in lower case."""
+    found, todo = set(), [name]
+    while todo:
+        dist = todo.pop().lower().replace("_", "-")
+        if dist in found:
+            continue
+        found.add(dist)
+        for line in importlib.metadata.requires(dist) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return found
+
+
+def test_requirements_are_the_no_torch_ones_and_the_pins():
+    everything, rest = requirements(), requirements("requirements-no-torch.txt")
+    pinned = {"torch", "torchvision", "torchcodec"}
+    assert set(everything) - set(rest) == pinned and all(everything[p].specifier for p in pinned)
+    assert {n: everything[n] for n in rest} == rest
+    assert str(everything["torchcodec"]) == torch_data.TORCHCODEC  # what its one line says to install
+    for name in rest:  # nor does anything they depend on bring a torch
+        assert not dependencies(name) & pinned, name
 
 
 PYTHON_BLOCKS = [b for path in DOCS for b in fenced(path, "python")]

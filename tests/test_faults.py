@@ -20,7 +20,7 @@ import torch
 
 import evaluate
 from tests.test_resume import assert_same_run, kill_tree, process_tree
-from tests.tiny import (ROOT, env, free_port, make_image_folder, records, run, step, train_here,
+from tests.tiny import (ROOT, env, free_port, make_image_folder, needs_torchcodec, records, run, step, train_here,
                         wait_for_line)
 from utils import cli, config, preempt, recipe, run_folder, train
 from utils.checkpoint import read_checkpoint
@@ -189,7 +189,8 @@ def signal_every_process(proc, sig=signal.SIGTERM) -> list:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc to find the processes")
-@pytest.mark.parametrize("nproc, workers, backend", [(2, 2, "pil"), (1, 0, "torch")])
+@pytest.mark.parametrize("nproc, workers, backend",
+                         [(2, 2, "pil"), pytest.param(1, 0, "torch", marks=needs_torchcodec)])
 def test_sigterm_to_every_process_saves_mid_epoch_and_relaunch_finishes(tiny, tmp_path, nproc, workers, backend):
     data, teacher = tiny.data, tiny.teacher
     save, tmp = tmp_path / "save", tmp_path / "tmp"
@@ -264,7 +265,7 @@ def test_a_closed_terminal_saves_mid_epoch_and_exits_75(tiny, tmp_path):
     assert last.startswith("=> stopped by SIGHUP in epoch 0 after iteration") and "relaunch the same command" in last
 
 
-@pytest.mark.parametrize("backend", ["pil", "torch"])
+@pytest.mark.parametrize("backend", ["pil", pytest.param("torch", marks=needs_torchcodec)])
 def test_loader_workers_ignore_stop_signals(tiny, backend):
     data = tiny.data
     for split, batch_size in (("train", 4), ("val", 1)):

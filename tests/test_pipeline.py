@@ -1,5 +1,6 @@
 """End to end through the real entry points: bash step1/run.sh, bash step2/run.sh, evaluate.py,
-on a tiny ImageFolder with a teacher whose weights the test creates."""
+python -m utils.export, on a tiny ImageFolder with a teacher whose weights the test creates; with
+the default (pil) data backend, all of them as where TorchCodec is not installed."""
 import json
 import os
 import re
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from models import reactnet_a
-from tests.tiny import ROOT, records, run, step
+from tests.tiny import ROOT, needs_torchcodec, records, run, step, without
 from utils.checkpoint import read_checkpoint
 
 
@@ -18,16 +19,23 @@ def acc1_of(stdout):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_run):
+def no_torchcodec(tmp_path_factory) -> str:
+    """The PYTHONPATH of an environment without TorchCodec."""
+    return without(tmp_path_factory.mktemp("blocked"), "torchcodec")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_run, no_torchcodec):
     # 6 train images: batches of 4 and 2; 9 val images.
     tiny = tiny_run(classes=3, train_per_class=2, val_per_class=3)
     root, teacher = tiny.root, tiny.teacher
     # Step 1 from a user's own folder with relative paths; 2 epochs so that the first trains at lr > 0.
-    s1 = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root)
+    s1 = step(1, "data", "s1", "--epochs", "2", "--teacher-weights", "teacher.pth", cwd=root,
+              PYTHONPATH=no_torchcodec)
     # Step 2 from inside step2/, workers > 0, the analysis on.
     s2 = step(2, str(root / "data"), str(root / "s2"), "--teacher-weights", teacher,
               "--init-checkpoint", str(root / "s1" / "model_best.pth.tar"), "-j", "1",
-              "--analysis-every", "2", cwd=os.path.join(ROOT, "step2"))
+              "--analysis-every", "2", cwd=os.path.join(ROOT, "step2"), PYTHONPATH=no_torchcodec)
     return root, s1, s2
 
 
@@ -76,13 +84,13 @@ def test_step2_starts_from_step1(pipeline):
     assert record["lr"] == 0.0 and "ff" in record and "saturation" in record
 
 
-def test_evaluate(pipeline, tmp_path):
+def test_evaluate(pipeline, tmp_path, no_torchcodec):
     root, _, _ = pipeline
     best = root / "s2" / "model_best.pth.tar"
     results = tmp_path / "results.jsonl"
     p = run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", best, "--data",
              root / "data", "--input-size", "32", "-j", "0", "--batch_size", "4",
-             "--results-file", results], cwd=tmp_path)
+             "--results-file", results], cwd=tmp_path, PYTHONPATH=no_torchcodec)
     acc = acc1_of(p.stdout)
     assert len(acc) == 1
     # Progress every --print-freq batches (10 by default) and at the last: 3 batches of 4.
@@ -97,7 +105,7 @@ def test_evaluate(pipeline, tmp_path):
     assert row["ops"] > 0
 
 
-def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys):
+def test_evaluate_released_layout(pipeline, tmp_path, capsys):
     """A released-style file (DataParallel 'module.' keys, no 'step') is taken as step 2."""
     import evaluate
     root, _, _ = pipeline
@@ -113,9 +121,27 @@ def test_evaluate_released_layout_bf16_channels_last(pipeline, tmp_path, capsys)
            "classes present, scored among all 3" in out
     record = records(root / "s2")[0]
     assert stats.top1 == pytest.approx(record["val_top1"]) and stats.count == 9
-    stats = evaluate.main(["--checkpoint", str(released), "--data", str(root / "data"), "--input-size", "32",
+
+
+@needs_torchcodec
+def test_evaluate_bf16_channels_last_torch_backend(pipeline):
+    import evaluate
+    root, _, _ = pipeline
+    stats = evaluate.main(["--checkpoint", str(root / "s2" / "model_best.pth.tar"), "--data", str(root / "data"),
                            "-j", "0", "--precision", "bf16", "--channels-last", "--data-backend", "torch"])
     assert stats.count == 9 and 0 <= stats.top1 <= 100
+
+
+def test_export_and_evaluate_the_packed_file(pipeline, tmp_path, no_torchcodec):
+    root, _, _ = pipeline
+    packed = tmp_path / "packed.pt"
+    run([sys.executable, "-m", "utils.export", "--checkpoint", root / "s2" / "model_best.pth.tar", "--out", packed],
+        PYTHONPATH=no_torchcodec)
+    p = run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", packed, "--data", root / "data",
+             "-j", "0"], PYTHONPATH=no_torchcodec)
+    assert "packed 1-bit checkpoint, step 2" in p.stdout and "; 9 images" in p.stdout
+    # The float network's accuracy; float32 rounding may decide one image's class otherwise.
+    assert acc1_of(p.stdout) == pytest.approx([records(root / "s2")[0]["val_top1"]], abs=100 / 9 + 1e-3)
 
 
 def test_relaunch_after_the_end_does_nothing(pipeline, monkeypatch, capsys):

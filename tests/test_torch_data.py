@@ -1,7 +1,8 @@
 """The torch data backend (utils.torch_data) against the PIL path (utils.data) on the CPU: the
 same augmentation parameters, the same pixels (decoded, and after crop, resize, Lighting, flip
 and normalization: equal, at the pinned Pillow), CPU fallbacks and bad files reported instead of
-raised, no deprecated torchvision decoder."""
+raised, no deprecated torchvision decoder. Without TorchCodec, or with another Pillow, the tests
+that need them are skipped, saying so."""
 import io
 import os
 import shutil
@@ -15,6 +16,7 @@ from PIL import ExifTags, Image
 from torchvision.datasets.folder import pil_loader
 
 from utils import data, torch_data
+from tests.tiny import needs_torchcodec, pinned_pillow
 from utils.bench.common import make_jpegs
 from utils.errors import DataError
 
@@ -56,6 +58,7 @@ def test_parameters_are_the_pil_paths(root):
     assert flips == {True, False}
 
 
+@pinned_pillow
 def test_resampling_equals_pil_for_fixed_crops(root):
     """Crops of every shape (up- and downscaling), decoded the same way, resized by both."""
     gen = torch.Generator().manual_seed(0)
@@ -76,6 +79,8 @@ def test_resampling_equals_pil_for_fixed_crops(root):
     assert torch.equal(out, torch.stack(expected))
 
 
+@needs_torchcodec
+@pinned_pillow
 def test_train_batches_match_pil(root):
     loader, prepare = torch_data.torch_train_loader(root, 4, 0, seed=1, input_size=SIZE)
     pil = data.train_loader(root, 4, 0, seed=1, input_size=SIZE)
@@ -91,6 +96,8 @@ def test_train_batches_match_pil(root):
     assert prepare.take_counts()["decoded"] == 0
 
 
+@needs_torchcodec
+@pinned_pillow
 def test_val_batches_match_pil(root):
     loader, prepare = torch_data.torch_val_loader(root, 4, 0, input_size=SIZE)
     assert isinstance(loader.sampler, data.ShardSampler)
@@ -99,6 +106,7 @@ def test_val_batches_match_pil(root):
         assert torch.equal(b.target, target) and torch.equal(b.images, images)
 
 
+@needs_torchcodec
 def test_worker_count_does_not_change_the_batches(root):
     def batches(workers):
         loader, prepare = torch_data.torch_train_loader(root, 3, workers, seed=2, input_size=SIZE)
@@ -143,6 +151,8 @@ def odd_root(tmp_path, root):
     return str(tmp_path)
 
 
+@needs_torchcodec
+@pinned_pillow
 def test_cpu_fallbacks_and_bad_files(odd_root):
     loader, prepare = torch_data.torch_train_loader(odd_root, 9, 0, input_size=SIZE)
     pil = data.image_folder(odd_root, "train", data.train_transform(SIZE))
@@ -161,6 +171,8 @@ def test_cpu_fallbacks_and_bad_files(odd_root):
     assert torch.equal(b.target, torch.zeros(7, dtype=torch.int64))
 
 
+@needs_torchcodec
+@pinned_pillow
 def test_decoded_pixels_are_pillows(root, odd_root):
     """Decoding alone: every image the backend decodes on the CPU (TorchCodec's batched call for
     3-channel JPEGs without EXIF orientation, PIL for the others) has Pillow's pixels exactly."""
@@ -176,6 +188,7 @@ def test_decoded_pixels_are_pillows(root, odd_root):
                 assert torch.equal(image, torch.from_numpy(np.array(pil_loader(path))).permute(2, 0, 1)), name
 
 
+@needs_torchcodec
 @pytest.mark.filterwarnings("error")
 def test_no_deprecated_decoder(root, odd_root):
     """The training and validation loaders, fallbacks included, with every warning an error:
@@ -191,6 +204,7 @@ def test_no_deprecated_decoder(root, odd_root):
         assert prepare.take_counts()["decoded"] > 0
 
 
+@needs_torchcodec
 def test_failed_batched_decode_keeps_the_good_images(tmp_path, root):
     """A JPEG whose header reads (3 channels, ends with the end-of-image marker) but has no image
     data makes the batched decode call fail: the batch is decoded image by image, the good ones

@@ -1,6 +1,7 @@
 """The tests' helpers, each written once: a tiny ImageFolder, a teacher and checkpoints whose
 weights the test creates (tests/conftest.py's `tiny_run` puts them together), the entry points
-run as a user runs them, and what the tests read back (log records, logits)."""
+run as a user runs them, what the tests read back (log records, logits), and the optional
+dependencies: the pins, the skips where they are missing, an environment without them."""
 import contextlib
 import io
 import json
@@ -11,12 +12,17 @@ import sys
 import time
 
 import numpy as np
+import PIL
+import pytest
 import torch
 import torchvision
+from packaging.requirements import Requirement
 from PIL import Image
 
 from models import reactnet_a
 from models.binary import BinaryConv2d
+from utils import torch_data
+from utils.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -148,6 +154,50 @@ def train_here(n, data, save, *flags, check=True):
     if check and code:
         raise AssertionError(f"{argv} failed ({code}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
+
+
+def requirements(name="requirements.txt") -> dict:
+    """{project name in lower case: Requirement} of a requirements file of the repository, with
+    the files it includes (-r)."""
+    found = {}
+    with open(os.path.join(ROOT, name)) as f:
+        for line in f:
+            line = line.split("#")[0].strip()
+            if line.startswith("-r "):
+                found.update(requirements(line[3:].strip()))
+            elif line:
+                req = Requirement(line)
+                found[req.name.lower()] = req
+    return found
+
+
+def torchcodec_missing() -> str:
+    """'' where the torch data backend decodes here, else the one line of utils.torch_data that
+    says what to install."""
+    try:
+        torch_data.check_decoder()
+    except ConfigError as e:
+        return str(e)
+    return ""
+
+
+PILLOW = str(requirements()["pillow"].specifier).removeprefix("==")
+# The tests that need TorchCodec (the torch data backend), and those whose exact pixels are the
+# pinned Pillow's: utils.torch_data reproduces Pillow's resize, and decodes as its libjpeg-turbo.
+needs_torchcodec = pytest.mark.skipif(bool(torchcodec_missing()), reason=torchcodec_missing())
+pinned_pillow = pytest.mark.skipif(
+    PIL.__version__ != PILLOW, reason=f"the torch data backend's pixels are Pillow {PILLOW}'s bit for bit (the "
+    f"version requirements.txt pins), and this is Pillow {PIL.__version__}")
+
+
+def without(folder, *modules) -> str:
+    """A PYTHONPATH on which importing any of `modules` fails as where it is not installed, the
+    test's own PYTHONPATH after it."""
+    for module in modules:
+        os.makedirs(os.path.join(folder, module), exist_ok=True)
+        with open(os.path.join(folder, module, "__init__.py"), "w") as f:
+            f.write(f"raise ModuleNotFoundError({f'No module named {module!r}'!r})\n")
+    return os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 if __name__ == "__main__":

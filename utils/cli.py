@@ -25,8 +25,8 @@ from .logger import append_line, printable
 from .precision import PRECISIONS
 
 __all__ = ["Parser", "HelpFormatter", "flag_names", "add_loader_flags", "add_device_flags", "check_at_least",
-           "check_input_size", "check_writable", "check_output_file", "check_batch_split", "resolve_device_layout",
-           "say", "report", "exit_on_error"]
+           "check_input_size", "check_writable", "check_output_file", "check_batch_split", "check_data_backend",
+           "resolve_device_layout", "say", "report", "exit_on_error"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -157,6 +157,13 @@ def check_output_file(path: str | None, flag: str, example: str) -> None:
     if os.path.isdir(path) or path.endswith(os.sep):
         raise ConfigError(f"{flag} {path} names a folder: give a file's path, e.g. {os.path.join(path, example)}")
     check_writable(os.path.dirname(os.path.abspath(path)), flag, path)
+
+
+def check_data_backend(backend: str) -> None:
+    """--data-backend torch needs TorchCodec (utils.torch_data.check_decoder), imported only then."""
+    if backend == "torch":
+        from .torch_data import check_decoder
+        check_decoder()
 
 
 def check_batch_split(batch_size: int, world_size: int) -> None:

@@ -11,8 +11,8 @@ import os
 import torch
 
 from . import recipe
-from .cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split, check_input_size,
-                  check_writable, resolve_device_layout)
+from .cli import (Parser, add_device_flags, add_loader_flags, check_at_least, check_batch_split, check_data_backend,
+                  check_input_size, check_writable, resolve_device_layout)
 from .errors import ConfigError
 
 __all__ = ["get_parser", "parse_args", "resolve_args", "schedule_warnings"]
@@ -105,6 +105,7 @@ def resolve_args(args, world_size: int | None = None) -> argparse.Namespace:
     resolve_device_layout(args, torch.cuda.is_available())
     if args.fast_decode and args.data_backend != "pil":
         raise ConfigError("--fast-decode is a PIL decoding option: it needs --data-backend pil")
+    check_data_backend(args.data_backend)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", 1))
     check_batch_split(args.batch_size, world_size)
     if args.input_size < 64 and args.batch_size == world_size:

@@ -19,6 +19,10 @@ a JPEG that is not 3-channel YCbCr/RGB (CMYK, grayscale: nvjpeg does not take th
 its end-of-image marker (PIL refuses a truncated JPEG), one with an EXIF orientation (TorchCodec's
 decoders turn the image as the tag says, PIL's loader does not), any other format. A file nothing
 decodes is left out of the batch and reported in `Batch.bad`.
+
+TorchCodec is this backend's dependency alone: where it is missing or does not load with this
+torch, the module still imports, and `check_decoder` (run by the entry points' flag checks before
+anything starts, and by `Prepare`) says in one line what to install.
 """
 import io
 from dataclasses import dataclass, field
@@ -26,12 +30,23 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import ExifTags, Image, UnidentifiedImageError
-from torchcodec.decoders import decode_jpeg
 
 from .data import (IMAGENET_MEAN, IMAGENET_STD, Batch, SeededDistributedSampler, ShardSampler,
                    Unreadable, data_loader, image_folder, train_transform)
+from .errors import ConfigError
 
-__all__ = ["torch_train_loader", "torch_val_loader", "Prepare", "resized_crops"]
+try:
+    from torchcodec.decoders import decode_jpeg
+    _decoder_error = None
+except Exception as e:  # noqa: BLE001 -- absent, too old, or built for another torch (its libraries do not load)
+    decode_jpeg, _decoder_error = None, e
+
+__all__ = ["torch_train_loader", "torch_val_loader", "Prepare", "resized_crops", "check_decoder", "TORCHCODEC"]
+
+# requirements.txt's pin (tests/test_docs.py checks that they agree). TorchCodec's JPEG decoder came
+# in 0.16, which works with torch 2.11 and later, as every release since 0.12 (TorchCodec's table).
+TORCHCODEC = "torchcodec==0.17.0"
+DECODER_TORCH = (2, 11)
 
 PRECISION_BITS = 22  # Pillow's fixed-point resampling weights (32 - 8 - 2 bits)
 JPEG_EOI = b"\xff\xd9"
@@ -236,6 +251,21 @@ def _horizontal_then_vertical(images: list, geometry: torch.Tensor, size: int) -
 # Decoding and the batch
 
 
+def check_decoder() -> None:
+    """ConfigError, in one line that says what to install for this torch, where TorchCodec's
+    decode_jpeg did not import."""
+    if decode_jpeg is not None:
+        return
+    why = f"{type(_decoder_error).__name__}: {(str(_decoder_error).strip().splitlines() or [''])[0]}"
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < DECODER_TORCH:
+        fix = (f"its JPEG decoder (TorchCodec 0.16 and later) needs torch {'.'.join(map(str, DECODER_TORCH))} or "
+               f"later, and this is torch {torch.__version__}")
+    else:
+        fix = f"pip install {TORCHCODEC} (TorchCodec 0.16 and later work with this torch, {torch.__version__})"
+    raise ConfigError(f"the torch data backend (--data-backend torch) decodes with TorchCodec, which does not import "
+                      f"here ({why}): {fix}; the pil backend, the default, does not need it")
+
+
 def _decode_on_cpu(blob: torch.Tensor) -> torch.Tensor:
     """PIL's decode and RGB conversion, as in the PIL path (its message is the reason when it
     refuses the file)."""
@@ -250,6 +280,7 @@ class Prepare:
     were redone image by image."""
 
     def __init__(self, input_size: int, train: bool):
+        check_decoder()
         self.size, self.train = input_size, train
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

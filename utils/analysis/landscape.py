@@ -30,7 +30,6 @@ from models import reactnet_a
 from utils.checkpoint import (check_classes, checkpoint_step, detect_format, load_weights, num_classes,
                               read_checkpoint, trained_input_size)
 from utils.cli import Parser, check_input_size, exit_on_error
-from utils.errors import UserError
 
 __all__ = ["filter_normalized_direction", "loss_surface", "surface_stats", "load_subset",
            "plot_surface", "main"]
@@ -136,15 +135,15 @@ def load_subset(data: str, split: str, input_size: int, subset: int, seed: int =
     return torch.stack(xs), torch.tensor(ys), ds.classes
 
 
-def plot_surface(result: dict, path: str, title: str, vmax: float | None = None):
-    """Surface plot and contour lines of result['loss'] in one small PNG (needs matplotlib)."""
+def plot_surface(result: dict, path: str, title: str, vmax: float | None = None) -> bool:
+    """Surface plot and contour lines of result['loss'] in one small PNG (False without
+    matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("the plot needs matplotlib, an optional extra of the analysis tools: "
-                        "pip install matplotlib (the .npz grid was written without it)") from None
+        return False
     a, b, loss = result["a"], result["b"], np.asarray(result["loss"])
     A, B = np.meshgrid(a, b, indexing="ij")
     shown = np.minimum(loss, vmax) if vmax is not None else loss
@@ -167,6 +166,7 @@ def plot_surface(result: dict, path: str, title: str, vmax: float | None = None)
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     plt.close(fig)
+    return True
 
 
 def build_model(checkpoint: str, step: str):
@@ -241,8 +241,10 @@ def main(argv=None):
     if not args.no_plot:
         title = f"step {step}: " + ("binary weights + activations" if step == 2 else
                                     "real weights, binary activations")
-        plot_surface(result, out + ".png", title, args.vmax)
-        print(f"landscape: wrote {out}.png")
+        if plot_surface(result, out + ".png", title, args.vmax):
+            print(f"landscape: wrote {out}.png")
+        else:
+            print("landscape: matplotlib is not installed: no plot (pip install matplotlib)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from ..cli import Parser, check_input_size, exit_on_error
+from ..cli import Parser, check_data_backend, check_input_size, exit_on_error
 from ..data import default_workers
 from ..errors import UserError
 from ..precision import set_precision
@@ -174,6 +174,7 @@ def end_to_end_command(args) -> dict:
     if args.data and (args.images or args.image_size or args.quality is not None):
         raise UserError("--images, --image-size and --quality describe generated JPEGs: "
                         "leave them out with --data")
+    check_data_backend("torch")  # it measures both backends
     fill_jpeg_defaults(args, 4 * args.batch_size)
     set_up_torch(args)
     res = end_to_end.run_end_to_end(args)
