@@ -412,6 +412,24 @@ def test_a_stop_during_validation_saves_the_trained_epoch_and_a_relaunch_validat
     assert_same_run(uninterrupted, save)
 
 
+# A process that ends while its loader's workers are alive: a run ended by an error, whose
+# traceback holds the loaders, and here a global.
+EXIT_WITH_WORKERS = """
+import sys, torch
+from utils.data import ShardSampler, data_loader
+ds = torch.utils.data.TensorDataset(torch.arange(16.0))
+loader = data_loader(ds, ShardSampler(ds), 4, 2, False, collate_fn=torch.utils.data.default_collate)
+next(iter(loader))
+sys.exit(3)
+"""
+
+
+def test_a_process_ending_with_its_loader_workers_alive_does_not_wait_for_them():
+    # The workers ignore stop signals; Python's exit sends them SIGTERM and would then wait forever.
+    p = run([sys.executable, "-c", EXIT_WITH_WORKERS], check=False, timeout=60, PYTHONPATH=ROOT)
+    assert p.returncode == 3, p.stderr
+
+
 def tiny_args(data, save, teacher, *flags, step=1):
     """In-process training flags of the tiny runs."""
     return ["--step", str(step), "--data", str(data), "--save", str(save), "--batch_size", "4", "-j", "0",

@@ -11,10 +11,12 @@ seeded with (seed, e, i) just before the sample is loaded. The augmentation of e
 thereby fixed by the seed alone, whatever the number of loader workers or processes, and a
 resumed run sees exactly the images an uninterrupted run would have seen.
 """
+import atexit
 import functools
 import itertools
 import os
 import signal
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -220,11 +222,29 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+# The loaders with worker processes, whose workers end_workers ends at exit.
+_with_workers = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's exit function (torch imports it first): runs before it
+def end_workers() -> None:
+    """End the persistent workers of the loaders still alive at exit, as a run that ends with an
+    error leaves them (its traceback holds them). Python's own exit would send them SIGTERM, which
+    they ignore (ignore_stop_signals), and then wait for them forever."""
+    for loader in list(_with_workers):
+        if loader._iterator is not None:  # DataLoader keeps the iterator of persistent workers
+            loader._iterator._shutdown_workers()  # what the iterator does when freed
+            loader._iterator = None
+
+
 def data_loader(dataset, sampler, batch_size, workers, pin_memory, collate_fn=collate_images):
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
-                      prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn,
-                      worker_init_fn=ignore_stop_signals)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                        pin_memory=pin_memory, persistent_workers=workers > 0, drop_last=False,
+                        prefetch_factor=4 if workers > 0 else None, collate_fn=collate_fn,
+                        worker_init_fn=ignore_stop_signals)
+    if workers:
+        _with_workers.add(loader)
+    return loader
 
 
 def train_loader(root, batch_size, workers, world_size=1, rank=0, seed=0, pin_memory=False,
