@@ -22,7 +22,8 @@ from .logger import AverageMeter, progress_line, validation_line
 from .precision import autocast, memory_format
 from .run_folder import Progress
 
-__all__ = ["LoopSettings", "TrainStats", "EvalStats", "train_one_epoch", "evaluate", "train_step", "correct_topk"]
+__all__ = ["LoopSettings", "TrainStats", "EvalStats", "train_one_epoch", "evaluate", "train_step", "correct_topk",
+           "signalled"]
 
 SYNC_EVERY = 10  # iterations between the processes' checks (each waits for the device once)
 
@@ -180,6 +181,12 @@ def _unreadable_message(skipped, max_skipped) -> str:
             "--skip-bad-images N to skip up to N per epoch")
 
 
+def signalled(stop, device) -> bool:
+    """Whether any process has received a stop signal (collective: they stop together, none goes
+    on to wait for the others)."""
+    return bool(all_reduce_max(torch.tensor([int(stop())], device=device)).item())
+
+
 def first_everywhere(items: list):
     """This process's first item, else the first item of the lowest rank that has one, on every
     process (collective; only on an error's path): a process stopped by the launcher before it
@@ -226,8 +233,7 @@ def evaluate(model, loader, settings: LoopSettings, *, prepare=to_device) -> Eva
             n = batch.images.size(0) * settings.world_size
             log(validation_line(i, num_batches, batch_time, data_time, n / batch_time.avg))
         end = time.perf_counter()
-        if i < common and i % SYNC_EVERY == 0 and \
-                all_reduce_max(torch.tensor([int(stop())], device=device)).item():
+        if i < common and i % SYNC_EVERY == 0 and signalled(stop, device):
             return EvalStats(0.0, 0.0, 0.0, 0, stopped_at=i + 1)
     loss, c1, c5, count, num_bad = all_reduce_sum(torch.cat([sums, sums.new_tensor([len(bad)])])).tolist()
     if num_bad:

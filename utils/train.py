@@ -23,8 +23,8 @@ from .cli import exit_on_error, flag_names
 from .config import get_parser, parse_args, resolve_args, schedule_warnings
 from .data import check_same_classes
 from .distill import DistributionLoss, build_teacher
-from .distributed import all_reduce_max, broadcast_buffers, cleanup, init_distributed
-from .engine import LoopSettings, evaluate, train_one_epoch
+from .distributed import broadcast_buffers, cleanup, init_distributed
+from .engine import LoopSettings, evaluate, signalled, train_one_epoch
 from .errors import DataError
 from .loaders import build_loader
 from .logger import RunLogger, git_commit
@@ -193,12 +193,6 @@ def _train(args, info, logger, saver, stop) -> nn.Module:
     else:
         log(f"=> done: best val Acc@1 {state.best_top1:.3f}, model in {os.path.join(args.save, 'model_best.pth.tar')}")
     return student
-
-
-def signalled(stop, device) -> bool:
-    """Whether any process has received a stop signal (collective: they stop together, none goes
-    on to wait for the others)."""
-    return bool(all_reduce_max(torch.tensor([int(stop())], device=device)).item())
 
 
 def log_data_notes(stats, prepare, log, nvjpeg: bool) -> None:
