@@ -306,8 +306,8 @@ struct Stage {
     const int32_t* planes;        // [images][hp][wp][2 words]
     int64_t hp, wp, ho, wo, pixels;
     std::vector<int32_t> offsets;  // per word of a weight row: its m word's offset from the pixel's first
-    // Whether the input holds a value exactly 0 (m not full off the border); null: it may.
-    const std::atomic<bool>* zero_in = nullptr;
+    // Whether the input holds a value exactly 0 (m not full off the border).
+    const std::atomic<bool>* zero_in;
     // The float parts: y = fma(s, scale, shift), + residual, + bias, prelu(slope), + bias_out; then
     // sign(y + next_bias) packed into `next` [images][ho + 2 next_pad][wo + 2 next_pad][2 next_words]
     // (its border left as it is), `next_zero` set where one is exactly 0.
@@ -322,10 +322,12 @@ struct Stage {
     std::atomic<bool>* next_zero = nullptr;
 };
 
-// Marks the packing of a word of outputs from `first` (of the conv's) with nonzero bits m: one exactly 0.
-BC_INLINE void note_zero(const Stage& st, int64_t first, uint32_t m) {
-    const int64_t left = st.conv->out - first;
-    if (m != (left >= 32 ? ~0u : (1u << left) - 1)) st.next_zero->store(true, std::memory_order_relaxed);
+// Stores word w of a pixel's packed outputs (`next`: the pixel's): nonzero bits m, positive bits p;
+// marks one exactly 0 (m not full).
+BC_INLINE void put_next(const Stage& st, int32_t* next, int64_t w, uint32_t m, uint32_t p) {
+    next[w] = (int32_t)m;
+    next[st.next_words + w] = (int32_t)p;
+    if (m != full_word(st.conv->out, w)) st.next_zero->store(true, std::memory_order_relaxed);
 }
 
 // Where one output pixel's inputs and outputs are.
@@ -345,7 +347,7 @@ struct Cursor {
     const bool zeros;
     int64_t i, image, row, col;
     Cursor(const Stage& stage, int64_t first)
-        : st(stage), zeros(!stage.zero_in || stage.zero_in->load(std::memory_order_relaxed)), i(first),
+        : st(stage), zeros(stage.zero_in->load(std::memory_order_relaxed)), i(first),
           image(first / (stage.ho * stage.wo)), row(first / stage.wo % stage.ho), col(first % stage.wo) {}
 
     Pixel get() const {
@@ -441,9 +443,7 @@ BC_INLINE void finish_scalar(const Stage& st, const Pixel& px, int64_t base, int
             m |= (uint32_t)(t != 0) << (o % 32);
             p |= (uint32_t)(t > 0) << (o % 32);
             if (o % 32 == 31 || j == count - 1) {
-                px.next[o / 32] = (int32_t)m;
-                px.next[st.next_words + o / 32] = (int32_t)p;
-                note_zero(st, o / 32 * 32, m);
+                put_next(st, px.next, o / 32, m, p);
                 m = p = 0;
             }
         }
@@ -519,9 +519,7 @@ BC_TARGET("avx2,fma") BC_INLINE void finish_avx2(const Stage& st, const Pixel& p
         }
     }
     if (px.next) {
-        px.next[base / 32] = (int32_t)m;
-        px.next[st.next_words + base / 32] = (int32_t)p;
-        note_zero(st, base, m);
+        put_next(st, px.next, base / 32, m, p);
     }
 }
 
@@ -643,11 +641,8 @@ BC_TARGET(BC_AVX512) BC_INLINE void finish_avx512(const Stage& st, const Pixel* 
     }
     if (NEXT)
         for (int64_t r = 0; r < valid; ++r)
-            for (int64_t j = 0; j < (V + 1) / 2 && base / 32 + j < st.next_words; ++j) {
-                px[r].next[base / 32 + j] = (int32_t)m[r][j];
-                px[r].next[st.next_words + base / 32 + j] = (int32_t)p[r][j];
-                note_zero(st, base + 32 * j, m[r][j]);
-            }
+            for (int64_t j = 0; j < (V + 1) / 2 && base / 32 + j < st.next_words; ++j)
+                put_next(st, px[r].next, base / 32 + j, m[r][j], p[r][j]);
 }
 
 // Adds the mismatches of R pixels x V vectors of 16 outputs over a weight row to acc: with `masked`,
@@ -822,11 +817,11 @@ struct Packed {
     std::atomic<bool> zero{false};
 };
 
-// The images' hp x wp planes of `step` words per pixel, zero on a border of `pad` pixels.
-void zero_border(int32_t* planes, int64_t images, int64_t hp, int64_t wp, int64_t pad, int64_t step) {
-    for (int64_t y = 0; y < images * hp; ++y) {
+// An image's hp x wp plane of `step` words per pixel, zero on a border of `pad` pixels.
+void zero_border(int32_t* planes, int64_t hp, int64_t wp, int64_t pad, int64_t step) {
+    for (int64_t y = 0; y < hp; ++y) {
         int32_t* row = planes + y * wp * step;
-        if (y % hp < pad || y % hp >= hp - pad) {
+        if (y < pad || y >= hp - pad) {
             std::fill(row, row + wp * step, 0);
         } else {
             std::fill(row, row + pad * step, 0);
@@ -898,13 +893,13 @@ void bc_block(const bc_block_args* args, int path, int threads) { run_block(*arg
 
 // Blocks 0 .. count - 1 in turn, each on the previous one's output, from x [n][h][w][x_stride]; their
 // parameters are in `blocks` (x, n, h, w, x_stride, y and y_stride ignored), each with two convs.
-// The outputs between blocks go to between[0], between[1], between[0], ... (each [n][ho][wo][out] of
-// the largest such output), each packed for the next block as it is made; the last block's to y
-// [n][ho][wo][its out]. An image at a time, so that its outputs between blocks stay in the caches;
-// with threads, one image on each at a time, and the images left over (fewer than the threads) each
-// on all of them.
+// An image's outputs between blocks go to two buffers of the thread that takes the image, in turn
+// (each [ho][wo][out] of the largest such output, kept from call to call), each packed for the next
+// block as it is made; the last block's to y [n][ho][wo][its out]. An image at a time, so that its
+// outputs between blocks stay in the caches; with threads, one image on each at a time, and the
+// images left over (fewer than the threads) each on all of them.
 void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64_t n, int64_t h, int64_t w,
-               int64_t x_stride, float* const* between, float* y, int path, int threads) {
+               int64_t x_stride, float* y, int path, int threads) {
     int64_t most = 0, packed_most = 0;  // per image: the largest output between blocks, and packed, in words
     int64_t ho = h, wo = w;
     for (int64_t i = 0; i < count; ++i) {
@@ -916,7 +911,9 @@ void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64
     }
     const auto image = [&](int64_t i, int threads) {
         thread_local std::vector<int32_t> planes;
+        thread_local std::vector<float> between;
         if ((int64_t)planes.size() < 2 * packed_most) planes.resize(2 * packed_most);
+        if ((int64_t)between.size() < 2 * most) between.resize(2 * most);
         Packed packed[2];
         const float* in = x + i * h * w * x_stride;
         int64_t hi = h, wi = w, stride = x_stride;
@@ -924,14 +921,14 @@ void bc_blocks(const bc_block_args* blocks, int64_t count, const float* x, int64
             bc_block_args a = blocks[b];
             a.x = in, a.n = 1, a.h = hi, a.w = wi, a.x_stride = stride;
             a.y_stride = a.b.out;
-            a.y = b + 1 == count ? y + i * ho * wo * a.b.out : between[b % 2] + i * most;
+            a.y = b + 1 == count ? y + i * ho * wo * a.b.out : between.data() + (b % 2) * most;
             const int64_t hb = (hi - 1) / a.a.stride + 1, wb = (wi - 1) / a.a.stride + 1;
             Packed* out = b + 1 == count ? nullptr : &packed[b % 2];
             if (out) {
                 out->planes = planes.data() + (b % 2) * packed_most;
                 out->pad = blocks[b + 1].a.k / 2;
                 out->zero.store(false, std::memory_order_relaxed);
-                zero_border(out->planes, 1, hb + 2 * out->pad, wb + 2 * out->pad, out->pad, 2 * words_of(a.b.out));
+                zero_border(out->planes, hb + 2 * out->pad, wb + 2 * out->pad, out->pad, 2 * words_of(a.b.out));
             }
             run_block(a, path, threads, b ? &packed[(b - 1) % 2] : nullptr, out, out ? blocks[b + 1].input_bias : nullptr);
             in = a.y, stride = a.y_stride, hi = hb, wi = wb;

@@ -129,7 +129,7 @@ def _load(path: str):
     lib.bc_supported.restype = ctypes.c_int
     lib.bc_block.argtypes = [ctypes.POINTER(_Block), ctypes.c_int, ctypes.c_int]
     lib.bc_block.restype = None
-    lib.bc_blocks.argtypes = [ctypes.POINTER(_Block), _i64, _ptr, _i64, _i64, _i64, _i64, ctypes.POINTER(_ptr), _ptr,
+    lib.bc_blocks.argtypes = [ctypes.POINTER(_Block), _i64, _ptr, _i64, _i64, _i64, _i64, _ptr,
                               ctypes.c_int, ctypes.c_int]
     lib.bc_blocks.restype = None
     lib.bc_tap_ones.argtypes = [ctypes.POINTER(_Conv), _ptr]
@@ -371,14 +371,10 @@ def blocks(owner, chain, x: torch.Tensor) -> torch.Tensor:
     n, channels, h, w = x.shape
     _check_input(chain[0], channels)
     plan, keep = _plan(owner, [t for b in chain for t in _block_sources(b)], lambda: _chain_plan(chain))
-    most = 0  # the largest output between blocks of an image, in floats
-    for i, b in enumerate(chain):
+    for b in chain:
         h, w = (h - 1) // b.stride + 1, (w - 1) // b.stride + 1
-        if i < len(chain) - 1:
-            most = max(most, h * w * b.planes)
     x, x_stride = _rows(x.detach())
-    between = torch.empty(2, n * most, dtype=torch.float32)
     y = torch.empty(n, h, w, chain[-1].planes, dtype=torch.float32)
-    library().bc_blocks(plan, len(chain), x.data_ptr(), n, *x.shape[2:], x_stride,
-                        (_ptr * 2)(*(t.data_ptr() for t in between)), y.data_ptr(), PATHS.index(active()), _threads())
+    library().bc_blocks(plan, len(chain), x.data_ptr(), n, *x.shape[2:], x_stride, y.data_ptr(),
+                        PATHS.index(active()), _threads())
     return y.permute(0, 3, 1, 2)
