@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_few
 
 __all__ = [
     "read_checkpoint", "detect_format", "remap_state_dict", "load_weights", "misfit", "num_classes", "check_classes",
@@ -85,7 +85,7 @@ def detect_format(obj) -> tuple[str, Mapping]:
     else:
         raise CheckpointError(
             "unrecognised checkpoint layout: neither a state_dict nor a dict with 'state_dict' or 'model' "
-            f"(top-level keys: {_first(list(obj))})")
+            f"(top-level keys: {first_few(list(obj), _SHOW)})")
     if any(k.endswith(".weights") for k in state_dict):
         fmt = "reactnet-release"
     return fmt, state_dict
@@ -140,7 +140,7 @@ def misfit(state_dict: Mapping, model: nn.Module) -> str:
     wrong = [f"{k} {list(getattr(v, 'shape', []))} (model {list(target[k].shape)})"
              for k, v in state_dict.items()
              if k in target and (not isinstance(v, torch.Tensor) or v.shape != target[k].shape)]
-    return "; ".join(f"{name}: {_first(keys)}" for name, keys in
+    return "; ".join(f"{name}: {first_few(keys, _SHOW)}" for name, keys in
                      (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys)
 
 
@@ -202,7 +202,7 @@ def check_finite(state_dict: Mapping, what) -> None:
            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{what} holds non-finite values (NaN or inf) in {len(bad)} tensors "
-                              f"({_first(bad)}): the training diverged; use an earlier checkpoint")
+                              f"({first_few(bad, _SHOW)}): the training diverged; use an earlier checkpoint")
 
 
 def _temporary(path) -> str:
@@ -305,8 +305,3 @@ def check_plain(obj, where: str) -> None:
     elif not (isinstance(obj, torch.Tensor) or type(obj) in _PLAIN_LEAVES):
         raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}: a checkpoint holds "
                         "only tensors, dicts, lists, tuples, str, int, float, bool and None")
-
-
-def _first(keys: list) -> str:
-    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
-    return ", ".join(map(str, keys[:_SHOW])) + more

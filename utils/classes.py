@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 
 from .checkpoint import check_classes
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError, first_few
 
 __all__ = ["imagenet_classes", "ClassMapping", "read_class_map", "map_classes", "class_names", "relabel"]
 
@@ -57,8 +57,8 @@ def read_class_map(path: str) -> list:
     empty = [k + 1 for k, name in enumerate(names) if not name]
     repeated = sorted(name for name, n in collections.Counter(names).items() if n > 1)
     if not names or empty or repeated:
-        problem = "is empty" if not names else (f"has empty lines ({_first(empty)})" if empty else
-                                                 f"names folders more than once ({_first(repeated)})")
+        problem = "is empty" if not names else (f"has empty lines ({first_few(empty, _SHOW)})" if empty else
+                                                 f"names folders more than once ({first_few(repeated, _SHOW)})")
         raise ConfigError(f"--class-map {path} {problem}: one folder name per line, line k the folder of class k")
     return names
 
@@ -78,7 +78,7 @@ def map_classes(folders: list, num_classes: int, recorded=None, class_map=None, 
         unmapped = [f for f in folders if f not in index]
         if unmapped:
             raise DataError(f"{len(unmapped)} class folder(s) of {where} are not in --class-map {class_map_path} "
-                            f"({_first(unmapped)}): add a line for each class they hold")
+                            f"({first_few(unmapped, _SHOW)}): add a line for each class they hold")
         return ClassMapping([index[f] for f in folders], f"folders mapped by --class-map {class_map_path}")
     names, how, listing = class_names(recorded, num_classes, what)
     if names is not None:
@@ -89,14 +89,14 @@ def map_classes(folders: list, num_classes: int, recorded=None, class_map=None, 
     if indices is not None:
         past = [f for f, k in zip(folders, indices) if k >= num_classes]
         if past:
-            raise DataError(f"class folders {_first(past)} of {where} are numbers past the class indices of "
+            raise DataError(f"class folders {first_few(past, _SHOW)} of {where} are numbers past the class indices of "
                             f"{what} (0..{num_classes - 1}): remove them, {way_out}")
         return ClassMapping(indices, f"folders are class indices 0..{num_classes - 1}")
     if names is not None:
         unknown = [f for f in folders if f not in index]
         raise DataError(f"{len(unknown)} of the {len(folders)} class folders of {where} are not classes of {what} "
-                        f"({_first(unknown)}): {listing}: {_first(names)}; rename the folders to its classes, "
-                        f"{way_out}")
+                        f"({first_few(unknown, _SHOW)}): {listing}: {first_few(names, _SHOW)}; rename the folders to "
+                        f"its classes, {way_out}")
     check_classes(what, num_classes, len(folders), f"pass --data with the {num_classes} classes it was trained on "
                   f"(it records no class names: folder k in sorted order is class k), {way_out}", DataError)
     return ClassMapping(list(range(num_classes)),
@@ -130,8 +130,3 @@ def relabel(dataset, targets: list) -> None:
     dataset.samples = [(path, targets[i]) for path, i in dataset.samples]
     dataset.imgs = dataset.samples
     dataset.targets = [t for _, t in dataset.samples]
-
-
-def _first(items: list) -> str:
-    more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-    return ", ".join(map(str, items[:_SHOW])) + more

@@ -6,7 +6,13 @@ signals and their exit codes. This module imports nothing, so that every layer m
 """
 
 __all__ = ["UserError", "ConfigError", "DataError", "CheckpointError", "RunFolderError", "FolderInUse",
-           "NonFiniteLoss"]
+           "NonFiniteLoss", "first_few"]
+
+
+def first_few(items: list, show: int) -> str:
+    """The first `show` of `items` for a message, and how many more: 'a, b, c (+4 more)'."""
+    more = f" (+{len(items) - show} more)" if len(items) > show else ""
+    return ", ".join(map(str, items[:show])) + more
 
 
 class UserError(Exception):

@@ -35,7 +35,7 @@ from utils.checkpoint import (PACKED_FORMAT, atomic_save, checkpoint_step, detec
                               num_classes, read_checkpoint, trained_input_size)
 from utils.deploy import kernel
 from utils.deploy.block import PackedBlock, PackedNetwork
-from utils.errors import CheckpointError, DataError
+from utils.errors import CheckpointError, DataError, first_few
 
 __all__ = [
     "VERSION", "popcount", "bits_to_words", "PackedBinaryConv2d", "to_packed", "build_step2_model", "export",
@@ -286,9 +286,8 @@ def load_packed(source, device=None, name=None) -> nn.Module:
         f"{k} {_describe(v)} (expected {_describe(target[k])})" for k, v in state_dict.items()
         if k in target and _describe(v) != _describe(target[k])]
     if problems:
-        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{path!r} is a damaged packed file: entries that do not fit: "
-                              f"{', '.join(problems[:3])}{more}")
+                              f"{first_few(problems, 3)}")
     model.load_state_dict(state_dict, strict=True)
     if torch.device(device or "cpu").type == "cpu":
         kernel.library()  # built (or found in the cache) now, or the fallback said, not at the first forward
