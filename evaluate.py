@@ -119,11 +119,10 @@ def evaluate_checkpoint(args):
     protocol = f"among the {len(present)} present (--present-classes-only)" if args.present_classes_only else \
         f"among all {classes}"
     if info.is_main:
-        print(f"=> {args.checkpoint}: {fmt} checkpoint, step {step} ({how}); "
-              f"input size {input_size}{f' ({size_note})' if size_note else ''}; {len(loader.dataset)} images, "
-              f"{info.world_size} process(es)", flush=True)
-        print(f"=> classes: {mapping.how}; {len(present)} of its {classes} classes present, scored {protocol}",
-              flush=True)
+        say(f"=> {args.checkpoint}: {fmt} checkpoint, step {step} ({how}); "
+            f"input size {input_size}{f' ({size_note})' if size_note else ''}; {len(loader.dataset)} images, "
+            f"{info.world_size} process(es)")
+        say(f"=> classes: {mapping.how}; {len(present)} of its {classes} classes present, scored {protocol}")
     counts = None
     if args.results_file and info.is_main:
         from utils.deploy.opcount import count_ops
@@ -138,10 +137,10 @@ def evaluate_checkpoint(args):
     stats = evaluate(compiled(model, args.compile), loader, settings, prepare=prepare)
     real_top1, real_top5, labelled = real.result() if real else (None, None, None)
     if info.is_main:
-        print(f"* Acc@1 {stats.top1:.3f} Acc@5 {stats.top5:.3f}", flush=True)
+        say(f"* Acc@1 {stats.top1:.3f} Acc@5 {stats.top5:.3f}")
         if real:
-            print(f"* ReaL Acc@1 {real_top1:.3f} Acc@5 {real_top5:.3f} ({labelled} of the {stats.count} images "
-                  "have ReaL labels)", flush=True)
+            say(f"* ReaL Acc@1 {real_top1:.3f} Acc@5 {real_top5:.3f} ({labelled} of the {stats.count} images "
+                "have ReaL labels)")
         if args.results_file:
             row = {"model": "reactnet_a", "checkpoint": os.path.abspath(args.checkpoint), "step": step,
                    "data": os.path.abspath(data), "input_size": input_size, "classes": mapping.how,
