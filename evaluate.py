@@ -36,7 +36,7 @@ from utils.engine import LoopSettings, evaluate
 from utils.errors import ConfigError, UserError
 from utils.loaders import build_loader
 from utils.precision import compiled, memory_format, set_precision
-from utils.real_labels import RealScorer, labels_of_images, read_real_labels
+from utils.real_labels import RealScorer, check_real_labels, labels_of_images, read_real_labels
 
 
 def get_parser():
@@ -81,6 +81,7 @@ def evaluate_checkpoint(args):
     """Build the network the checkpoint describes, evaluate it on args.data/val; returns EvalStats."""
     check_args(args)
     class_map = read_class_map(args.class_map) if args.class_map else None
+    real_labels = read_real_labels(args.real_labels) if args.real_labels else None
     info = init_distributed()
     check_batch_split(args.batch_size, info.world_size)
     obj = read_checkpoint(args.checkpoint)
@@ -108,9 +109,9 @@ def evaluate_checkpoint(args):
                           where=data, class_map_path=args.class_map)
     relabel(loader.dataset, mapping.targets)
     real = None
-    if args.real_labels:
-        labels = labels_of_images([path for path, _ in loader.dataset.samples],
-                                  read_real_labels(args.real_labels, classes), args.real_labels)
+    if real_labels is not None:
+        check_real_labels(real_labels, classes, args.real_labels)
+        labels = labels_of_images([path for path, _ in loader.dataset.samples], real_labels, args.real_labels)
         real = RealScorer([labels[i] for i in loader.sampler], info.device)
     check_finite(model.state_dict(), args.checkpoint)
     del obj

@@ -18,13 +18,14 @@ import torch
 from .distributed import all_reduce_sum
 from .errors import ConfigError, DataError
 
-__all__ = ["read_real_labels", "labels_of_images", "RealScorer"]
+__all__ = ["read_real_labels", "check_real_labels", "labels_of_images", "RealScorer"]
 
 VAL_FILE = re.compile(r"ILSVRC2012_val_(\d{8})\.\w+")
 
 
-def read_real_labels(path: str, num_classes: int) -> list:
-    """The label lists of a real.json file, each label a class index below `num_classes`."""
+def read_real_labels(path: str) -> list:
+    """The list of a real.json file (read before anything else: check_real_labels checks its
+    entries against the network's classes)."""
     if not os.path.isfile(path):
         raise ConfigError(f"--real-labels {path} does not exist: give ImageNet-ReaL's real.json "
                           "(github.com/google-research/reassessed-imagenet)")
@@ -36,11 +37,15 @@ def read_real_labels(path: str, num_classes: int) -> list:
     if not isinstance(labels, list):
         raise DataError(f"--real-labels {path} holds a {type(labels).__name__}, not a list of label lists "
                         "(ImageNet-ReaL's real.json: one list per validation image)")
+    return labels
+
+
+def check_real_labels(labels: list, num_classes: int, path: str) -> None:
+    """Each entry of real.json's `labels` (read from `path`) a list of class indices below `num_classes`."""
     for i, entry in enumerate(labels):
         if not (isinstance(entry, list) and all(type(c) is int and 0 <= c < num_classes for c in entry)):
             raise DataError(f"--real-labels {path}: entry {i} ({str(entry)[:40]}) is not a list of class indices "
                             f"0..{num_classes - 1}, the network's classes")
-    return labels
 
 
 def labels_of_images(paths: list, labels: list, real_path: str) -> list:
